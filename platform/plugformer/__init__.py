@@ -1,0 +1,55 @@
+"""plugformer: an experiment platform for Transformer variants, composed from plugins.
+
+This module is the public API that plugins build on (built-in and third-party alike).
+"""
+
+from plugformer.capabilities import Capabilities
+from plugformer.compatibility import Chosen
+from plugformer.components import (
+    Attention,
+    BuildContext,
+    DataContext,
+    DataTask,
+    FeedForward,
+    Objective,
+    ObjectiveOutput,
+    PositionEncoding,
+    mark_residual_projection,
+)
+from plugformer.errors import (
+    CapabilityError,
+    ConfigError,
+    DataError,
+    PlugformerError,
+    PluginError,
+    UnknownComponentError,
+)
+from plugformer.hookspecs import hookimpl
+from plugformer.registry import KINDS, Component, Provider, Registry
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KINDS",
+    "Attention",
+    "BuildContext",
+    "Capabilities",
+    "CapabilityError",
+    "Chosen",
+    "Component",
+    "ConfigError",
+    "DataContext",
+    "DataError",
+    "DataTask",
+    "FeedForward",
+    "Objective",
+    "ObjectiveOutput",
+    "PlugformerError",
+    "PluginError",
+    "PositionEncoding",
+    "Provider",
+    "Registry",
+    "UnknownComponentError",
+    "hookimpl",
+    "mark_residual_projection",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from plugformer.cli import main
+
+sys.exit(main())

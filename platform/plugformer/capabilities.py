@@ -1,0 +1,72 @@
+"""What a component supports and what it needs from the others.
+
+A component *provides* capability flags and *requires* flags from the component chosen for
+another kind. The builder checks every requirement before anything is built, so an unusable
+combination fails with one message instead of a shape error inside a forward pass.
+
+Flags in use by the built-ins (plugins may add their own):
+
+- attention provides ``causal`` (a decoder mask), ``bidirectional`` (no mask),
+  ``key_padding_mask``, ``score_bias`` (adds a position's bias to explicit scores),
+  ``qk_transform`` (applies a position's query/key transform), ``incremental_decoding``.
+- position provides ``input_embedding``, ``qk_transform`` or ``score_bias`` and requires the
+  matching flag from the attention.
+- objective requires ``causal`` or ``bidirectional`` from the attention; the one it requires
+  decides whether the model is a decoder or an encoder. It provides the name of the batch
+  format it consumes (``causal_lm``, ``classification``).
+- data requires that batch format from the objective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+COST_CLASSES = ("quadratic", "linear", "n·w", "n·log n")
+
+
+def _frozen(flags: Iterable[str]) -> frozenset[str]:
+    if isinstance(flags, str):
+        return frozenset({flags})
+    return frozenset(flags)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Capability flags of one component.
+
+    ``provides``: flags this component supports. ``requires``: kind → flags the component
+    chosen for that kind must provide. ``max_length``: the longest sequence it handles (None:
+    unbounded). ``cost``: for attention, its time/memory class in sequence length n.
+    """
+
+    provides: frozenset[str] = field(default_factory=frozenset)
+    requires: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    max_length: int | None = None
+    cost: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "provides", _frozen(self.provides))
+        object.__setattr__(
+            self, "requires", {kind: _frozen(flags) for kind, flags in dict(self.requires).items()}
+        )
+        if self.cost is not None and self.cost not in COST_CLASSES:
+            raise ValueError(f"cost must be one of {COST_CLASSES}, got {self.cost!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "provides": sorted(self.provides),
+            "requires": {kind: sorted(flags) for kind, flags in sorted(self.requires.items())},
+            "max_length": self.max_length,
+            "cost": self.cost,
+        }
+
+    def describe(self) -> str:
+        parts = sorted(self.provides)
+        parts += [f"needs {kind}:{flag}" for kind, flags in sorted(self.requires.items()) for flag in sorted(flags)]
+        if self.max_length is not None:
+            parts.append(f"max_length={self.max_length}")
+        if self.cost:
+            parts.append(f"cost={self.cost}")
+        return ", ".join(parts)

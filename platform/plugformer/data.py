@@ -1,0 +1,126 @@
+"""Shared machinery for data tasks: splits cached on disk by their parameters, and a data
+module over a ``datasets.DatasetDict`` with padding collation.
+
+A task subclasses :class:`CachedDatasetTask`, implements :meth:`cache_key` and
+:meth:`build_splits`, and sets ``vocab_size``/``max_length`` (and ``num_classes``) in
+:meth:`describe`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import DatasetDict, load_from_disk
+from filelock import FileLock
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from plugformer.components import DataTask
+
+IGNORE_INDEX = -100
+
+
+def parameters_key(params: dict[str, Any]) -> str:
+    """A short stable hash of JSON-serializable parameters."""
+    text = json.dumps(params, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_splits(cache_dir: Path, name: str, params: dict[str, Any], build: Callable[[], DatasetDict]) -> DatasetDict:
+    """Load ``name``'s splits for ``params`` from ``cache_dir``, building and saving them first
+    if absent. Safe when several processes ask at once (a file lock; the first one builds)
+    and when a build is killed (written to a temporary folder, then renamed)."""
+    root = Path(cache_dir) / name
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / parameters_key(params)
+    with FileLock(str(target) + ".lock"):
+        if not target.exists():
+            staging = root / f".{target.name}.{uuid.uuid4().hex}.tmp"
+            build().save_to_disk(str(staging))
+            (staging / "plugformer_params.json").write_text(json.dumps(params, sort_keys=True, default=str))
+            os.replace(staging, target)
+    return load_from_disk(str(target))
+
+
+def pad_sequences(sequences: list[Tensor], value: int) -> Tensor:
+    length = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), length), value, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        out[row, : len(seq)] = seq
+    return out
+
+
+class CachedDatasetTask(DataTask):
+    """A data task over cached ``datasets`` splits named "train" and "validation" (and
+    optionally "test"), each with an ``input_ids`` column and a ``labels`` column (a label
+    per example, or a label sequence aligned with ``input_ids``)."""
+
+    def __init__(self, cache_dir: Path, batch_size: int, num_workers: int = 0) -> None:
+        super().__init__()
+        self.cache_dir = Path(cache_dir)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.splits: DatasetDict | None = None
+
+    # --- what a task implements -------------------------------------------------------
+    name: str = "task"
+
+    def cache_key(self) -> dict[str, Any]:
+        """The parameters the splits depend on."""
+        raise NotImplementedError
+
+    def build_splits(self) -> DatasetDict:
+        raise NotImplementedError
+
+    def describe(self, splits: DatasetDict) -> None:
+        """Set ``vocab_size``, ``max_length`` and ``num_classes`` from the built splits."""
+        raise NotImplementedError
+
+    # --- the DataTask contract --------------------------------------------------------
+    def prepare(self) -> None:
+        if self.splits is None:
+            self.splits = cached_splits(self.cache_dir, self.name, self.cache_key(), self.build_splits)
+            self.splits = self.splits.with_format("torch", columns=["input_ids", "labels"])
+            self.describe(self.splits)
+
+    def collate(self, rows: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        input_ids = pad_sequences([row["input_ids"] for row in rows], self.pad_id)
+        lengths = torch.tensor([len(row["input_ids"]) for row in rows])
+        attention_mask = torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]
+        labels = [row["labels"] for row in rows]
+        if labels[0].dim() == 0:
+            stacked = torch.stack(labels).long()
+        else:
+            stacked = pad_sequences(labels, IGNORE_INDEX)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": stacked}
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self.prepare()
+        assert self.splits is not None
+        return DataLoader(
+            self.splits[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=shuffle,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        self.prepare()
+        assert self.splits is not None
+        return self._loader("test" if "test" in self.splits else "validation", shuffle=False)

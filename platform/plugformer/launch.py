@@ -1,0 +1,96 @@
+"""``plugformer train``: load plugins, compose the config with Hydra, and run.
+
+Hydra reads ``sys.argv``, so the overrides are put there for the duration of Hydra's main;
+the original arguments are restored before training, because Lightning re-runs the same
+command line to start the other DDP ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from plugformer.config import store_core_configs
+from plugformer.errors import PlugformerError
+from plugformer.plugins import Plugins, load_plugins
+from plugformer.resume import plan_run, write_run_id
+from plugformer.training.run import CONFIG_FILE, train
+
+CONFIG_PACKAGE = "pkg://plugformer.conf"
+
+
+def _output_dir() -> Path:
+    return Path(HydraConfig.get().runtime.output_dir).resolve()
+
+
+def run_from_config(cfg: DictConfig, plugins: Plugins) -> dict[str, Any]:
+    """Train one composed config in Hydra's output folder (``run_dir``)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    plan = plan_run(cfg, _output_dir())
+    cfg, run_dir = plan.cfg, plan.run_dir
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+    if rank_zero_only.rank == 0:
+        (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_run_id(run_dir, plan.run_id)
+    summary = train(cfg, plugins, run_dir, run_id=plan.run_id, ckpt_path=plan.ckpt_path)
+    if rank_zero_only.rank == 0:
+        _report(summary)
+    return summary
+
+
+def _report(summary: dict[str, Any]) -> None:
+    metrics = summary["metrics"]
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("val/"))
+    print(f"\nplugformer: run {summary['status']} in {summary['wall_time_s']:.1f}s ({shown})")
+    print(f"  run directory: {summary['run_dir']}")
+    print(f"  summary:       {Path(summary['run_dir']) / 'summary.json'}")
+    if summary.get("wandb_dir"):
+        print(f"  W&B offline:   {summary['wandb_dir']}  (view: wandb leet {summary['wandb_dir']})")
+
+
+def launch_training(overrides: list[str]) -> int:
+    plugins = load_plugins()
+    store_core_configs()
+    original_argv = list(sys.argv)
+    failed: list[BaseException] = []
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="train")
+    def hydra_task(cfg: DictConfig) -> None:
+        sys.argv = original_argv
+        try:
+            run_from_config(cfg, plugins)
+        except PlugformerError as error:
+            failed.append(error)
+            if os.environ.get("HYDRA_FULL_ERROR") == "1" or HydraConfig.get().mode.name == "MULTIRUN":
+                raise
+            raise SystemExit(_report_error(error)) from None
+
+    sys.argv = [original_argv[0], *_with_resume_dir(overrides)]
+    try:
+        hydra_task()
+    finally:
+        sys.argv = original_argv
+    return 0
+
+
+def _report_error(error: PlugformerError) -> int:
+    print(f"plugformer: error: {error.message()}", file=sys.stderr)
+    return 2
+
+
+def _with_resume_dir(overrides: list[str]) -> list[str]:
+    """With ``resume=<dir>``, Hydra's output folder is that run's folder (its own config is
+    kept in .hydra/resume), so a resumed run adds no stray run directory."""
+    resume = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
+    if not resume or any(o.startswith("hydra.run.dir=") for o in overrides):
+        return overrides
+    run_dir = Path(resume[-1]).expanduser().resolve()
+    return [*overrides, f"hydra.run.dir={run_dir}", "hydra.output_subdir=.hydra/resume"]

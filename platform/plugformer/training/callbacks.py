@@ -1,0 +1,88 @@
+"""Callbacks the core adds to every run: throughput and the history of validation metrics."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+
+def _scalar(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().float().item() if value.numel() == 1 else None
+    if isinstance(value, (int, float)) and math.isfinite(float(value)):
+        return float(value)
+    return None
+
+
+class ThroughputMonitor(pl.Callback):
+    """Logs ``train/tokens_per_second`` (all ranks together) over the steps since the last log,
+    and keeps the run's overall rate (first step excluded: it pays for warm-up)."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.seconds = 0.0
+        self._window_tokens = 0
+        self._window_seconds = 0.0
+        self._step_start = 0.0
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        return self.tokens / self.seconds if self.seconds > 0 else None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        elapsed = time.perf_counter() - self._step_start
+        tokens = module.model.objective.tokens_in(batch) * trainer.world_size
+        if trainer.global_step <= 1:
+            return
+        self.tokens += tokens
+        self.seconds += elapsed
+        self._window_tokens += tokens
+        self._window_seconds += elapsed
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0 and self._window_seconds > 0:
+            module.log("train/tokens_per_second", self._window_tokens / self._window_seconds, on_step=True, on_epoch=False)
+            self._window_tokens, self._window_seconds = 0, 0.0
+
+
+class MetricHistory(pl.Callback):
+    """Remembers the validation metrics after each validation and the best ones by
+    ``monitor`` (lower is better when ``mode`` is "min")."""
+
+    def __init__(self, monitor: str = "val/loss", mode: str = "min") -> None:
+        self.monitor = monitor
+        self.mode = mode
+        self.history: list[dict[str, float]] = []
+        self.best: dict[str, float] = {}
+
+    def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        values = {name: _scalar(v) for name, v in trainer.callback_metrics.items() if name.startswith("val/")}
+        values = {name: v for name, v in values.items() if v is not None}
+        if not values:
+            return
+        values["step"] = float(trainer.global_step)
+        self.history.append(values)
+        current = values.get(self.monitor)
+        best = self.best.get(self.monitor)
+        if current is not None and (best is None or (current < best if self.mode == "min" else current > best)):
+            self.best = dict(values)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "best": self.best}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+        self.best = dict(state_dict.get("best", {}))
+
+
+def final_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    """The last value of every logged scalar metric, by name."""
+    values = {name: _scalar(v) for name, v in trainer.callback_metrics.items()}
+    return {name: v for name, v in sorted(values.items()) if v is not None}

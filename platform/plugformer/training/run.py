@@ -1,0 +1,201 @@
+"""One training run from a composed config: choose and check components, build data and
+model, train with Lightning, and always leave a summary behind."""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from plugformer.compatibility import Chosen
+from plugformer.components import DataContext
+from plugformer.errors import ConfigError
+from plugformer.model.builder import build_model, check_components, choose_components, chosen_techniques
+from plugformer.plugins import Plugins
+from plugformer.training.callbacks import MetricHistory, ThroughputMonitor, final_metrics
+from plugformer.training.checkpointing import AtomicCheckpointIO, write_json_atomically
+from plugformer.training.module import TrainingModule
+from plugformer.training.tracking import build_loggers, wandb_run_dir
+
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class RunState:
+    """What the summary reports, filled in as the run gets further."""
+
+    run_dir: Path
+    cfg: DictConfig
+    run_id: str
+    started: float = field(default_factory=time.time)
+    components: dict[str, str] = field(default_factory=dict)
+    params: int | None = None
+    trainer: pl.Trainer | None = None
+    module: TrainingModule | None = None
+    history: MetricHistory | None = None
+    throughput: ThroughputMonitor | None = None
+    loggers: list[Any] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def component_tags(chosen: dict[str, Chosen], techniques: dict[str, Chosen]) -> list[str]:
+    tags = [f"{kind}:{c.name}" for kind, c in chosen.items()]
+    return tags + [f"technique:{name}" for name in techniques]
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path, hooks: Any) -> tuple[list[Callback], MetricHistory, ThroughputMonitor]:
+    options = cfg.callbacks
+    checkpoint = options.checkpoint
+    history = MetricHistory(monitor=checkpoint.monitor, mode=checkpoint.mode)
+    throughput = ThroughputMonitor()
+    callbacks: list[Callback] = [
+        ModelCheckpoint(
+            dirpath=str(run_dir / "checkpoints"),
+            filename="best",
+            monitor=checkpoint.monitor,
+            mode=checkpoint.mode,
+            save_top_k=checkpoint.save_top_k,
+            save_last=checkpoint.save_last,
+            auto_insert_metric_name=False,
+        ),
+        history,
+        throughput,
+    ]
+    bar = options.get("progress_bar", "rich")
+    if bar == "rich":
+        callbacks.append(RichProgressBar(leave=True))
+    elif bar == "tqdm":
+        callbacks.append(TQDMProgressBar())
+    if options.get("early_stopping"):
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        callbacks.append(EarlyStopping(**OmegaConf.to_container(options.early_stopping, resolve=True)))
+    for contributed in hooks.hook.lightning_callbacks(cfg=cfg):
+        callbacks.extend(contributed or [])
+    return callbacks, history, throughput
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list[Any], callbacks: list[Callback]) -> pl.Trainer:
+    options: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
+    options.setdefault("enable_progress_bar", cfg.callbacks.get("progress_bar", "rich") != "none")
+    try:
+        return pl.Trainer(
+            **options,
+            default_root_dir=str(run_dir),
+            logger=loggers,
+            callbacks=callbacks,
+            plugins=[AtomicCheckpointIO()],
+        )
+    except TypeError as error:
+        raise ConfigError(
+            f"The trainer config is not valid for lightning.pytorch.Trainer: {error}",
+            expected="trainer.<name> keys that are Trainer arguments",
+            fix="check the spelling against the Lightning Trainer documentation",
+        ) from None
+
+
+def train(cfg: DictConfig, plugins: Plugins, run_dir: Path, *, run_id: str, ckpt_path: str | None = None) -> dict[str, Any]:
+    """Train one run into ``run_dir``; returns the summary (also written, on rank 0, to
+    ``run_dir/summary.json`` whether the run finished or failed)."""
+    state = RunState(run_dir=run_dir, cfg=cfg, run_id=run_id)
+    status, error = "failed", None
+    try:
+        _train(state, plugins, ckpt_path)
+        status = "finished"
+    except BaseException as failure:
+        error = f"{type(failure).__name__}: {failure}"
+        raise
+    finally:
+        summary = _finish(state, plugins, status, error)
+    return summary
+
+
+def _train(state: RunState, plugins: Plugins, ckpt_path: str | None) -> None:
+    cfg, run_dir = state.cfg, state.run_dir
+    registry = plugins.registry
+    chosen = choose_components(cfg, registry)
+    state.components = {kind: c.name for kind, c in chosen.items()}
+    check_components(chosen, registry)
+    techniques = chosen_techniques(cfg, registry)
+    hooks = plugins.run_manager({name: t.component.factory(t.config, cfg) for name, t in techniques.items()})
+    hooks.hook.validate_config(cfg=cfg, registry=registry)
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    data_choice = chosen["data"]
+    data = data_choice.component.factory(data_choice.config, DataContext(cache_dir=Path(cfg.paths.cache_dir), seed=cfg.seed))
+    data.prepare()
+    model = build_model(cfg, chosen, data)
+    hooks.hook.model_built(model=model, cfg=cfg)
+    state.params = model.num_parameters()
+    state.module = TrainingModule(model, OmegaConf.to_object(cfg.optim), hooks)
+
+    tags = component_tags(chosen, techniques) + list(cfg.get("tags") or [])
+    for contributed in hooks.hook.tracking_tags(cfg=cfg):
+        tags.extend(contributed or [])
+    state.loggers = build_loggers(cfg, run_dir, tags=tags, job_type=chosen["objective"].name, run_id=state.run_id)
+    callbacks, state.history, state.throughput = build_callbacks(cfg, run_dir, hooks)
+    state.trainer = build_trainer(cfg, run_dir, state.loggers, callbacks)
+    for logger in state.loggers:
+        logger.log_hyperparams({"model/params": state.params})
+    state.trainer.fit(state.module, datamodule=data, ckpt_path=ckpt_path)
+
+
+def _finish(state: RunState, plugins: Plugins, status: str, error: str | None) -> dict[str, Any]:
+    summary = build_summary(state, plugins, status, error)
+    if rank_zero_only.rank != 0:
+        return summary
+    write_json_atomically(state.run_dir / SUMMARY_FILE, summary)
+    for logger in state.loggers:
+        if type(logger).__name__ == "WandbLogger":
+            experiment = logger.experiment
+            experiment.summary.update(_flat_summary(summary))
+            experiment.finish(exit_code=0 if status == "finished" else 1)
+    return summary
+
+
+def build_summary(state: RunState, plugins: Plugins, status: str, error: str | None) -> dict[str, Any]:
+    trainer = state.trainer
+    metrics = final_metrics(trainer) if trainer is not None else {}
+    best = state.history.best if state.history is not None else {}
+    extra: dict[str, Any] = {}
+    if trainer is not None and state.module is not None and rank_zero_only.rank == 0:
+        for contributed in state.module.hooks.hook.run_summary(trainer=trainer, module=state.module):
+            extra.update(contributed or {})
+    wandb_dir = wandb_run_dir(state.loggers) if rank_zero_only.rank == 0 else None
+    summary: dict[str, Any] = {
+        "status": status,
+        "experiment": state.cfg.get("experiment_name"),
+        "run_id": state.run_id,
+        "run_dir": str(state.run_dir),
+        "components": state.components,
+        "metrics": metrics,
+        "best": {name: value for name, value in best.items()},
+        "params": state.params,
+        "global_step": trainer.global_step if trainer is not None else 0,
+        "wall_time_s": round(time.time() - state.started, 3),
+        "tokens_per_second": state.throughput.tokens_per_second if state.throughput is not None else None,
+        "wandb_dir": str(wandb_dir) if wandb_dir else None,
+        "extra": extra,
+    }
+    if error is not None:
+        summary["error"] = error
+        summary["traceback"] = traceback.format_exc(limit=-8) if sys.exc_info()[0] else None
+    return summary
+
+
+def _flat_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {name: value for name, value in summary["metrics"].items()}
+    flat.update({f"best/{name}": value for name, value in summary["best"].items()})
+    flat.update({name: value for name, value in summary["extra"].items()})
+    for key in ("status", "params", "wall_time_s", "tokens_per_second", "global_step"):
+        flat[key] = summary[key]
+    return flat

@@ -1,0 +1,86 @@
+"""The run's loggers: CSV always, plus W&B (offline unless opted in) and TensorBoard when
+chosen with ``logger=...``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import CSVLogger, Logger
+from omegaconf import DictConfig, OmegaConf
+
+from plugformer.errors import ConfigError
+
+
+def wandb_offline(options: DictConfig) -> bool:
+    """Offline unless WANDB_MODE=online or ``logger.wandb.offline=false``."""
+    if os.environ.get("WANDB_MODE") == "online":
+        return False
+    return bool(options.get("offline", True))
+
+
+def build_loggers(
+    cfg: DictConfig, run_dir: Path, *, tags: list[str], job_type: str, run_id: str
+) -> list[Logger]:
+    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    chosen = cfg.get("logger") or {}
+    unknown = set(chosen) - {"wandb", "tensorboard"}
+    if unknown:
+        raise ConfigError(
+            f"Unknown logger(s): {', '.join(sorted(unknown))}.",
+            expected="logger= one or more of wandb, tensorboard, csv, none",
+            fix="choose with logger=wandb or logger=[wandb,tensorboard]",
+        )
+    if "wandb" in chosen:
+        loggers.append(_wandb_logger(cfg, chosen.wandb, run_dir, tags=tags, job_type=job_type, run_id=run_id))
+    if "tensorboard" in chosen:
+        loggers.append(_tensorboard_logger(run_dir))
+    return loggers
+
+
+def _wandb_logger(cfg: DictConfig, options: DictConfig, run_dir: Path, *, tags: list[str], job_type: str, run_id: str) -> Logger:
+    from lightning.pytorch.loggers import WandbLogger
+
+    offline = wandb_offline(options)
+    if offline:
+        os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    return WandbLogger(
+        save_dir=str(run_dir),
+        offline=offline,
+        project=options.get("project", "plugformer"),
+        entity=options.get("entity"),
+        name=options.get("name") or f"{cfg.experiment_name}/{run_dir.name}",
+        group=cfg.experiment_name,
+        tags=tags,
+        job_type=job_type,
+        id=run_id,
+        resume="allow",
+        config=config,
+        notes=options.get("notes"),
+    )
+
+
+def _tensorboard_logger(run_dir: Path) -> Logger:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    try:
+        return TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="")
+    except ModuleNotFoundError as error:
+        raise ConfigError(
+            f"logger=tensorboard needs the tensorboard package: {error}",
+            fix="pip install tensorboard, or choose logger=wandb",
+        ) from None
+
+
+def wandb_run_dir(loggers: list[Logger]) -> Path | None:
+    """The W&B run's local folder (offline-run-... or run-...), when there is one."""
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            experiment = logger.experiment
+            directory = getattr(experiment, "dir", None)
+            if isinstance(directory, str) and directory:
+                return Path(directory).parent
+    return None

@@ -1,0 +1,10 @@
+"""Built-in feed-forward components."""
+
+from plugformer import Registry, hookimpl
+from plugformer_plugins.ffn import mlp
+
+
+@hookimpl
+def register_components(registry: Registry) -> None:
+    for module in (mlp,):
+        registry.add(module.COMPONENT)

@@ -1,0 +1,10 @@
+"""Built-in norm components."""
+
+from plugformer import Registry, hookimpl
+from plugformer_plugins.norm import layernorm
+
+
+@hookimpl
+def register_components(registry: Registry) -> None:
+    for module in (layernorm,):
+        registry.add(module.COMPONENT)

@@ -1,0 +1,10 @@
+"""Built-in objectives."""
+
+from plugformer import Registry, hookimpl
+from plugformer_plugins.objective import causal_lm
+
+
+@hookimpl
+def register_components(registry: Registry) -> None:
+    for module in (causal_lm,):
+        registry.add(module.COMPONENT)
