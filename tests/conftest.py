@@ -1,0 +1,30 @@
+"""Shared fixtures: the session's plugins and a small build context."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+from plugformer import BuildContext  # noqa: E402
+from plugformer.plugins import Plugins, load_plugins  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def plugins() -> Plugins:
+    return load_plugins()
+
+
+@pytest.fixture(scope="session")
+def registry(plugins: Plugins):
+    return plugins.registry
+
+
+def small_context(**overrides) -> BuildContext:
+    """A BuildContext for unit tests of single components."""
+    values = dict(d_model=32, n_heads=4, n_layers=2, dropout=0.0, causal=True, max_length=64, vocab_size=50)
+    values.update(overrides)
+    return BuildContext(**values)
