@@ -83,7 +83,8 @@ def load_plugins(extra: dict[str, Any] | None = None) -> Plugins:
     """
     manager = new_plugin_manager()
     providers: dict[str, Provider] = {}
-    for entry_point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name):
+    # plugformer's own plugins first, so a third-party clash is reported against the third party.
+    for entry_point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: (_provider(ep).distribution != "plugformer", ep.name)):
         provider = _provider(entry_point)
         if not _selected(provider) or entry_point.name in providers:
             continue
