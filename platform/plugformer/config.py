@@ -8,6 +8,7 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
 
 class Placement(str, Enum):
@@ -62,3 +63,8 @@ def store_core_configs(store: ConfigStore | None = None) -> None:
     store = store or ConfigStore.instance()
     store.store(group="model", name="default", node=ModelConfig)
     store.store(group="optim", name="adamw", node=OptimConfig)
+
+
+def optim_config(cfg: DictConfig) -> OptimConfig:
+    """The run's optimizer settings as a typed object (also for configs read back from YAML)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OptimConfig), cfg.optim))

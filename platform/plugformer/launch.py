@@ -73,7 +73,7 @@ def launch_training(overrides: list[str]) -> int:
                 raise
             raise SystemExit(_report_error(error)) from None
 
-    sys.argv = [original_argv[0], *_with_resume_dir(overrides)]
+    sys.argv = [original_argv[0], *_with_shared_run_dir(_with_resume_dir(overrides))]
     try:
         hydra_task()
     finally:
@@ -94,3 +94,28 @@ def _with_resume_dir(overrides: list[str]) -> list[str]:
         return overrides
     run_dir = Path(resume[-1]).expanduser().resolve()
     return [*overrides, f"hydra.run.dir={run_dir}", "hydra.output_subdir=.hydra/resume"]
+
+
+def _launch_id() -> str | None:
+    """An id shared by all processes of one external launch (torchrun, SLURM), or None when
+    this process was not started by one. Lightning's own DDP ranks get the run folder from
+    Lightning instead (hydra.run.dir on their command line)."""
+    if "RANK" not in os.environ and "SLURM_JOB_ID" not in os.environ:
+        return None
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm-{os.environ['SLURM_JOB_ID']}"
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    # Single-node torchrun: the ranks share their parent, the elastic agent.
+    return f"torchrun-{run_id if run_id != 'none' else os.getppid()}"
+
+
+def _with_shared_run_dir(overrides: list[str]) -> list[str]:
+    """Under an external launcher every rank composes its own config, so the timestamped
+    default run_dir would differ between ranks; name it after the launch instead."""
+    launch_id = _launch_id()
+    if launch_id is None or any(o.startswith(("run_dir=", "hydra.run.dir=")) for o in overrides):
+        return overrides
+    extra = [f"run_dir=${{paths.runs_dir}}/${{experiment_name}}/{launch_id}"]
+    if os.environ.get("RANK", "0") != "0":
+        extra.append("hydra.output_subdir=null")
+    return [*overrides, *extra]

@@ -13,18 +13,21 @@ from plugformer.components import BuildContext, DataTask
 from plugformer.config import Placement
 from plugformer.errors import ConfigError
 from plugformer.model.transformer import Block, Transformer, initialize
-from plugformer.registry import CONFIG_GROUPS, Registry
+from plugformer.registry import CONFIG_GROUPS, Component, Registry
 
 MODEL_KINDS = ("attention", "position", "norm", "ffn")
 
 
-def _config_object(node: DictConfig, kind: str) -> Any:
+def _config_object(component: Component, node: DictConfig) -> Any:
+    """An instance of the component's config dataclass from a config node, typed and
+    validated even when the node was read back from YAML (a resumed run)."""
+    options = {key: value for key, value in OmegaConf.to_container(node, resolve=True).items() if key != "name"}
     try:
-        return OmegaConf.to_object(node)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(component.config), options))
     except Exception as error:  # noqa: BLE001 - OmegaConf raises several types
         raise ConfigError(
-            f"The {kind} config is incomplete or invalid: {error}",
-            fix=f"set the missing option with {CONFIG_GROUPS[kind].replace('/', '.')}.<option>=<value>",
+            f"The {component.kind} config of {component.name!r} is incomplete or invalid: {error}",
+            fix=f"set the option with {CONFIG_GROUPS[component.kind].replace('/', '.')}.<option>=<value>",
         ) from None
 
 
@@ -42,17 +45,15 @@ def choose_components(cfg: DictConfig, registry: Registry) -> dict[str, Chosen]:
                 fix=f"add {CONFIG_GROUPS[kind]}=<name>; `plugformer plugins` lists the choices",
             )
         component = registry.get(kind, node.name)
-        chosen[kind] = Chosen(component, _config_object(node, kind))
+        chosen[kind] = Chosen(component, _config_object(component, node))
     return chosen
 
 
 def chosen_techniques(cfg: DictConfig, registry: Registry) -> dict[str, Chosen]:
     """The techniques enabled with ``+technique=<name>``, by name."""
     techniques = cfg.get("techniques") or {}
-    return {
-        name: Chosen(registry.get("technique", name), _config_object(node, "technique"))
-        for name, node in techniques.items()
-    }
+    chosen = {name: registry.get("technique", name) for name in techniques}
+    return {name: Chosen(component, _config_object(component, techniques[name])) for name, component in chosen.items()}
 
 
 def check_components(chosen: dict[str, Chosen], registry: Registry) -> None:

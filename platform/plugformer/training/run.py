@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from plugformer.compatibility import Chosen
 from plugformer.components import DataContext
+from plugformer.config import optim_config
 from plugformer.errors import ConfigError
 from plugformer.model.builder import build_model, check_components, choose_components, chosen_techniques
 from plugformer.plugins import Plugins
@@ -64,12 +65,22 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, hooks: Any) -> tuple[list[Ca
             monitor=checkpoint.monitor,
             mode=checkpoint.mode,
             save_top_k=checkpoint.save_top_k,
-            save_last=checkpoint.save_last,
+            save_last=checkpoint.save_last and not checkpoint.get("last_every_n_steps"),
             auto_insert_metric_name=False,
         ),
         history,
         throughput,
     ]
+    if checkpoint.save_last and checkpoint.get("last_every_n_steps"):
+        # last.ckpt more often than validation runs, so a crash loses at most that many steps.
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=str(run_dir / "checkpoints"),
+                save_top_k=0,
+                save_last=True,
+                every_n_train_steps=checkpoint.last_every_n_steps,
+            )
+        )
     bar = options.get("progress_bar", "rich")
     if bar == "rich":
         callbacks.append(RichProgressBar(leave=True))
@@ -136,7 +147,7 @@ def _train(state: RunState, plugins: Plugins, ckpt_path: str | None) -> None:
     model = build_model(cfg, chosen, data)
     hooks.hook.model_built(model=model, cfg=cfg)
     state.params = model.num_parameters()
-    state.module = TrainingModule(model, OmegaConf.to_object(cfg.optim), hooks)
+    state.module = TrainingModule(model, optim_config(cfg), hooks)
 
     tags = component_tags(chosen, techniques) + list(cfg.get("tags") or [])
     for contributed in hooks.hook.tracking_tags(cfg=cfg):

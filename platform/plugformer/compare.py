@@ -1,0 +1,435 @@
+"""``plugformer compare``: what differs between runs, and how each run did.
+
+Reads run directories only (``config.yaml``, ``metrics.csv``, ``summary.json``), so it works
+offline, without W&B and on runs that failed. It prints one table and writes
+``comparison.csv``, ``comparison.md`` and ``comparison.png`` (one validation curve per run).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from plugformer.errors import PlugformerError
+
+# The names training.run writes; repeated here so that comparing runs does not import
+# Lightning and torch's training stack.
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.csv"
+OUTPUT_NAMES = ("comparison.csv", "comparison.md", "comparison.png")
+
+# Config keys that differ between any two runs without saying anything about them.
+IGNORED_KEYS = ("run_dir", "resume", "paths", "hydra")
+# metrics.csv columns that index rows rather than being metrics.
+INDEX_COLUMNS = ("step", "epoch")
+SUMMARY_COLUMNS = ("params", "wall_time_s", "tokens_per_second")
+MISSING = "-"
+
+
+class CompareError(PlugformerError):
+    """Input that ``plugformer compare`` cannot work with."""
+
+
+@dataclass
+class Run:
+    """One run directory as read from disk.
+
+    ``config`` holds the resolved config flattened to dotted keys; ``curves`` maps every
+    metric in metrics.csv to its ``(step, value)`` points in logging order.
+    """
+
+    path: Path
+    config: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        """``finished``/``failed`` from summary.json; ``incomplete`` when the run left none
+        (it was killed, or is still running)."""
+        return str(self.summary.get("status", "incomplete"))
+
+    @property
+    def components(self) -> dict[str, str]:
+        return dict(self.summary.get("components") or {})
+
+    def final_metrics(self) -> dict[str, float]:
+        """The summary's final metrics; without a summary, the last logged value of each."""
+        if self.summary.get("metrics"):
+            return dict(self.summary["metrics"])
+        return {name: points[-1][1] for name, points in self.curves.items() if points}
+
+
+# --- finding and reading runs ---------------------------------------------------------
+
+
+def is_run_dir(path: Path) -> bool:
+    """A run directory holds summary.json, or config.yaml and metrics.csv."""
+    if (path / SUMMARY_FILE).is_file():
+        return True
+    return (path / CONFIG_FILE).is_file() and (path / METRICS_FILE).is_file()
+
+
+def _natural_key(path: Path) -> list[Any]:
+    # Multirun jobs are numbered folders: 2 sorts before 10.
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def _runs_below(root: Path) -> list[Path]:
+    found = []
+    for folder, subfolders, _ in os.walk(root):
+        here = Path(folder)
+        if is_run_dir(here):
+            found.append(here)
+            subfolders.clear()  # a run's own folders (checkpoints, wandb) hold no runs
+            continue
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+    return found
+
+
+def find_runs(paths: list[str] | list[Path]) -> list[Path]:
+    """The run directories named by ``paths``, each a run directory or a folder searched
+    recursively for them; resolved, without duplicates, in natural sort order.
+
+    Raises CompareError for a path that does not exist and when no run directory is found.
+    """
+    runs: set[Path] = set()
+    for given in paths:
+        path = Path(given).expanduser().resolve()
+        if not path.exists():
+            raise CompareError(
+                f"{given} does not exist.",
+                expected="run directories, or folders that hold them (such as runs/ or a multirun folder)",
+                fix="check the path; runs go to runs/<experiment>/<timestamp>/ by default",
+            )
+        if path.is_file():
+            path = path.parent
+        runs.update(_runs_below(path))
+    if not runs:
+        raise CompareError(
+            f"No run directories found under {', '.join(str(p) for p in paths)}.",
+            expected="folders holding summary.json, or config.yaml and metrics.csv",
+            fix="pass a run directory or a folder above some, e.g. plugformer compare runs/",
+        )
+    return sorted(runs, key=_natural_key)
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings to dotted keys; lists stay values, empty mappings vanish."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    return flatten(OmegaConf.to_container(OmegaConf.load(path), resolve=False))
+
+
+def _read_summary(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CompareError(
+            f"{path} is not valid JSON ({error}).",
+            expected="the summary.json that plugformer train writes",
+            fix="remove the broken file (the run is then compared from metrics.csv) or the run directory",
+        ) from None
+
+
+def _number(cell: str | None) -> float | None:
+    try:
+        return float(cell) if cell not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def _read_curves(path: Path) -> dict[str, list[tuple[float, float]]]:
+    curves: dict[str, list[tuple[float, float]]] = {}
+    if not path.is_file():
+        return curves
+    with path.open(newline="") as handle:
+        for index, row in enumerate(csv.DictReader(handle)):
+            step = _number(row.get("step"))
+            for name, cell in row.items():
+                value = _number(cell)
+                if name in INDEX_COLUMNS or value is None:
+                    continue
+                curves.setdefault(name, []).append((index if step is None else step, value))
+    return curves
+
+
+def load_run(path: str | Path) -> Run:
+    """Read one run directory; files it lacks leave their part empty."""
+    path = Path(path)
+    if not is_run_dir(path):
+        raise CompareError(
+            f"{path} is not a run directory.",
+            expected="a folder holding summary.json, or config.yaml and metrics.csv",
+            fix="pass the folder that plugformer train printed as its run directory",
+        )
+    return Run(
+        path=path,
+        config=_read_config(path / CONFIG_FILE),
+        summary=_read_summary(path / SUMMARY_FILE),
+        curves=_read_curves(path / METRICS_FILE),
+    )
+
+
+# --- what differs -------------------------------------------------------------------
+
+
+def _ignored(key: str) -> bool:
+    return any(key == name or key.startswith(name + ".") for name in IGNORED_KEYS)
+
+
+def _all_equal(values: list[Any]) -> bool:
+    return all(value == values[0] for value in values[1:])
+
+
+def differing_config(runs: list[Run]) -> dict[str, list[Any]]:
+    """Dotted config keys whose values are not the same in all runs, each with its value
+    per run (None where a run's config lacks the key), in the order keys first appear.
+    Keys that differ between any two runs by construction (run_dir, paths.*, resume,
+    hydra.*) are left out; seed is kept."""
+    keys = list(dict.fromkeys(key for run in runs for key in run.config))
+    differing = {}
+    for key in keys:
+        values = [run.config.get(key) for run in runs]
+        if not _ignored(key) and not _all_equal(values):
+            differing[key] = values
+    return differing
+
+
+def _component_kinds(runs: list[Run]) -> list[str]:
+    return list(dict.fromkeys(kind for run in runs for kind in run.components))
+
+
+def differing_components(runs: list[Run]) -> list[str]:
+    """Component kinds (attention, position, ...) not chosen alike in all runs."""
+    return [kind for kind in _component_kinds(runs) if not _all_equal([run.components.get(kind) for run in runs])]
+
+
+def shared_components(runs: list[Run]) -> dict[str, str]:
+    """Component kinds chosen alike in all runs, with their name."""
+    differing = set(differing_components(runs))
+    return {kind: runs[0].components[kind] for kind in _component_kinds(runs) if kind not in differing}
+
+
+def _names_a_component(key: str, kinds: set[str]) -> bool:
+    # model.attention.name repeats the attention column.
+    parts = key.split(".")
+    return len(parts) >= 2 and parts[-1] == "name" and parts[-2] in kinds
+
+
+def common_parent(paths: list[Path]) -> Path | None:
+    """The deepest folder above all ``paths`` (not one of them); None when that is the
+    filesystem root or the paths share no folder."""
+    try:
+        parent = Path(os.path.commonpath([str(p) for p in paths]))
+    except ValueError:
+        return None
+    if parent in paths:
+        parent = parent.parent
+    return None if parent == Path(parent.anchor) else parent
+
+
+def run_names(runs: list[Run]) -> list[str]:
+    """Short names: each run's path relative to the runs' common parent."""
+    parent = common_parent([run.path for run in runs])
+    if parent is None:
+        return [str(run.path) for run in runs]
+    return [run.path.relative_to(parent).as_posix() for run in runs]
+
+
+# --- the table ------------------------------------------------------------------------
+
+
+def _val_metric_names(runs: list[Run]) -> list[str]:
+    names = {name for run in runs for name in run.final_metrics() if name.startswith("val/")}
+    return sorted(names, key=lambda name: (name != "val/loss", name))
+
+
+def _summary_metrics(run: Run, val_names: list[str]) -> dict[str, Any]:
+    final = run.final_metrics()
+    values: dict[str, Any] = {name: final.get(name) for name in val_names}
+    values["best/val/loss"] = (run.summary.get("best") or {}).get("val/loss")
+    values.update({name: run.summary.get(name) for name in SUMMARY_COLUMNS})
+    return values
+
+
+def comparison_table(runs: list[Run]) -> list[dict[str, Any]]:
+    """One row per run, all with the same columns in this order: ``run`` (name relative to
+    the common parent), ``status``, one column per component kind that differs, the
+    differing config keys (component ``*.name`` keys are covered by the kind columns), the
+    final ``val/*`` metrics, ``best/val/loss``, ``params``, ``wall_time_s`` and
+    ``tokens_per_second``. Missing values are None."""
+    names = run_names(runs)
+    kinds = differing_components(runs)
+    all_kinds = set(_component_kinds(runs))
+    config = {key: values for key, values in differing_config(runs).items() if not _names_a_component(key, all_kinds)}
+    val_names = _val_metric_names(runs)
+    rows = []
+    for index, run in enumerate(runs):
+        row: dict[str, Any] = {"run": names[index], "status": run.status}
+        row.update({kind: run.components.get(kind) for kind in kinds})
+        row.update({key: values[index] for key, values in config.items()})
+        row.update(_summary_metrics(run, val_names))
+        rows.append(row)
+    return rows
+
+
+def differing_columns(row: dict[str, Any]) -> list[str]:
+    """The columns of a comparison_table row that say what differs (components, config)."""
+    columns = list(row)
+    first_metric = next((i for i, c in enumerate(columns) if c.startswith("val/") or c == "best/val/loss"), len(columns))
+    return columns[2:first_metric]
+
+
+def format_value(value: Any) -> str:
+    """A cell for people: floats to 4 significant digits, large integers grouped."""
+    if value is None:
+        return MISSING
+    if isinstance(value, bool) or isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}" if abs(value) >= 10_000 else str(value)
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def run_label(row: dict[str, Any]) -> str:
+    """A legend label: the run's name and its differing values, and its status unless it finished."""
+    values = ", ".join(f"{column}={format_value(row[column])}" for column in differing_columns(row))
+    label = f"{row['run']}: {values}" if values else str(row["run"])
+    return label if row["status"] == "finished" else f"{label} ({row['status']})"
+
+
+# --- output ---------------------------------------------------------------------------
+
+
+def logged_metrics(runs: list[Run]) -> list[str]:
+    """Every metric some run's metrics.csv holds, sorted."""
+    return sorted({name for run in runs for name in run.curves})
+
+
+def check_metric(runs: list[Run], metric: str) -> None:
+    """Raise CompareError when no run logged ``metric``, listing the ones that exist."""
+    available = logged_metrics(runs)
+    if metric in available:
+        return
+    raise CompareError(
+        f"No run logged the metric {metric!r}.",
+        expected=f"one of the metrics in the runs' metrics.csv: {', '.join(available) or '(none logged)'}",
+        fix=f"choose one with --metric, e.g. --metric {available[0] if available else 'val/loss'}",
+    )
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """Raw values, full precision; empty cells for missing values."""
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """A GitHub-flavoured Markdown table of formatted values."""
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    columns = list(rows[0])
+    lines = [line(columns), line(["---"] * len(columns))]
+    lines += [line([format_value(row[c]) for c in columns]) for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _shared_note(runs: list[Run]) -> str:
+    shared = shared_components(runs)
+    return "Same in all runs: " + ", ".join(f"{kind}={name}" for kind, name in shared.items()) if shared else ""
+
+
+def write_markdown(rows: list[dict[str, Any]], runs: list[Run], path: Path) -> None:
+    note = _shared_note(runs)
+    path.write_text(markdown_table(rows) + (f"\n{note}\n" if note else ""))
+
+
+def plot_curves(runs: list[Run], labels: list[str], metric: str, path: Path) -> None:
+    """``metric`` against step, one line per run that logged it, saved as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    for run, label in zip(runs, labels):
+        points = run.curves.get(metric)
+        if points:
+            steps, values = zip(*points)
+            axes.plot(steps, values, marker="o", markersize=3, label=label)
+    axes.set_xlabel("step")
+    axes.set_ylabel(metric)
+    axes.set_title(f"{metric} by step")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.savefig(path, dpi=120)
+
+
+def print_table(rows: list[dict[str, Any]], caption: str = "") -> None:
+    """The table on the terminal; when output is not a terminal (a pipe, a log file) it is
+    printed wide instead of squeezed to 80 columns."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 240))
+    table = Table(caption=caption or None, caption_justify="left")
+    for column in rows[0]:
+        table.add_column(column, justify="left" if column in ("run", "status") else "right")
+    for row in rows:
+        table.add_row(*(format_value(value) for value in row.values()))
+    console.print(table)
+
+
+def default_out_dir(runs: list[Run]) -> Path:
+    """The runs' common parent folder, or the current folder when they have none."""
+    return common_parent([run.path for run in runs]) or Path.cwd()
+
+
+def compare_command(paths: list[str], *, out: str | None, metric: str) -> int:
+    """``plugformer compare PATHS [--out DIR] [--metric NAME]``: print the comparison table
+    and write comparison.csv, comparison.md and comparison.png into ``out`` (default: the
+    runs' common parent). Returns the exit status; user errors raise CompareError."""
+    runs = [load_run(path) for path in find_runs(paths)]
+    check_metric(runs, metric)
+    rows = comparison_table(runs)
+    out_dir = Path(out).expanduser() if out else default_out_dir(runs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path, png_path = (out_dir / name for name in OUTPUT_NAMES)
+    write_csv(rows, csv_path)
+    write_markdown(rows, runs, md_path)
+    plot_curves(runs, [run_label(row) for row in rows], metric, png_path)
+    print_table(rows, _shared_note(runs))
+    print(f"\nplugformer: compared {len(runs)} run(s)")
+    print(f"  table:  {csv_path}")
+    print(f"          {md_path}")
+    print(f"  curves: {png_path}  ({metric})")
+    return 0

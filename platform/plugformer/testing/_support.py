@@ -1,0 +1,260 @@
+"""Machinery shared by the conformance checks: sizes, seeded builds, comparisons with
+tolerances, and the checks every module kind runs the same way (gradients, determinism,
+state_dict round trips)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from typing import Any, NoReturn
+
+import torch
+from torch import Tensor, nn
+
+from plugformer.components import BuildContext
+from plugformer.registry import Component
+
+#: What a forward function returns for comparison: named output tensors.
+Outputs = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The sizes the kit builds components with. The defaults keep every check well under a
+    second on a CPU; ``length`` is lowered to a component's ``max_length`` capability."""
+
+    d_model: int = 32
+    n_heads: int = 4
+    length: int = 20
+    batch: int = 3
+    n_layers: int = 2
+    vocab_size: int = 50
+    num_classes: int = 5
+    max_length: int = 64
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"Sizes: d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.length < 4 or self.batch < 3:
+            raise ValueError("Sizes: the checks need length ≥ 4 and batch ≥ 3")
+
+    def length_for(self, max_length: int | None) -> int:
+        return self.length if max_length is None else min(self.length, max_length)
+
+    def context(self, *, causal: bool, length: int, **overrides: Any) -> BuildContext:
+        values: dict[str, Any] = dict(
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            n_layers=self.n_layers,
+            dropout=0.0,
+            causal=causal,
+            max_length=max(length, min(self.max_length, length * 4)),
+            vocab_size=self.vocab_size,
+        )
+        values.update(overrides)
+        return BuildContext(**values)
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block with the global CPU RNG seeded, restoring its state afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance (to the largest magnitude compared) for outputs that should agree.
+    Loose enough for components that compute in float32 internally; a real leak or mix-up
+    changes outputs by a sizeable fraction of their scale."""
+    return 1e-5 if dtype == torch.float64 else 1e-4
+
+
+class Subject:
+    """One component under test in one setting: how to build it and how to report failures.
+
+    ``setting`` describes the build (e.g. "causal, score-bias position") and appears in every
+    message; ``prepare`` receives each freshly built module (to cast a test position along).
+    """
+
+    def __init__(
+        self,
+        component: Component,
+        config: Any,
+        ctx: Any,
+        *,
+        dtype: torch.dtype,
+        setting: str = "",
+        allow_zero_grad: Collection[str] = (),
+        prepare: Callable[[nn.Module, torch.dtype], None] | None = None,
+    ) -> None:
+        self.component = component
+        self.config = config
+        self.ctx = ctx
+        self.dtype = dtype
+        self.setting = setting
+        self.allow_zero_grad = tuple(allow_zero_grad)
+        self._prepare = prepare
+        self._check = "build"
+
+    @property
+    def label(self) -> str:
+        return f"{self.component.qualified_name} ({self.setting})" if self.setting else self.component.qualified_name
+
+    def fail(self, message: str) -> NoReturn:
+        raise AssertionError(f"{self.label}: {self._check}: {message}")
+
+    @contextmanager
+    def check(self, name: str) -> Iterator[None]:
+        """Name the check running in the block; an exception other than a failed assertion
+        becomes one naming the check (a check fails the same way whatever went wrong)."""
+        previous, self._check = self._check, name
+        try:
+            yield
+        except AssertionError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any error inside a check is its failure
+            raise AssertionError(f"{self.label}: {name}: raised {type(error).__name__}: {error}") from error
+        finally:
+            self._check = previous
+
+    def build(self, seed: int = 0, dtype: torch.dtype | None = None) -> nn.Module:
+        """``factory(config, ctx)`` under ``seed``, given the last word over its parameters
+        through ``init_weights()`` as in a model, cast to ``dtype`` (default: the subject's)."""
+        dtype = dtype or self.dtype
+        with self.check("build"), seeded(seed):
+            module = self.component.factory(self.config, self.ctx)
+            if not isinstance(module, nn.Module):
+                self.fail(f"the factory returned {type(module).__name__}, not a torch.nn.Module")
+            for sub in module.modules():
+                init_weights = getattr(sub, "init_weights", None)
+                if callable(init_weights):
+                    init_weights()
+            module = module.to(dtype)
+            if self._prepare is not None:
+                self._prepare(module, dtype)
+        return module
+
+    def allowed_without_grad(self, name: str) -> bool:
+        return any(fnmatch(name, pattern) for pattern in self.allow_zero_grad)
+
+
+def randn(*shape: int, seed: int, dtype: torch.dtype) -> Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def assert_close(subject: Subject, actual: Tensor, expected: Tensor, what: str) -> None:
+    """|actual − expected| ≤ tolerance · (largest magnitude) everywhere, else a failure that
+    says ``what`` should have held and where it did not."""
+    if actual.shape != expected.shape:
+        subject.fail(f"{what}, but the shapes differ: {tuple(actual.shape)} vs {tuple(expected.shape)}")
+    actual, expected = actual.detach().double(), expected.detach().double()
+    if not bool(torch.isfinite(actual).all() and torch.isfinite(expected).all()):
+        subject.fail(f"{what}, but the outputs contain NaN or inf")
+    scale = max(float(expected.abs().max()) if expected.numel() else 0.0, 1e-6)
+    allowed = tolerance(subject.dtype) * scale
+    difference = (actual - expected).abs()
+    if difference.numel() and float(difference.max()) > allowed:
+        index = tuple(int(i) for i in torch.nonzero(difference == difference.max())[0])
+        subject.fail(
+            f"{what}, but outputs differ by up to {float(difference.max()):.3g} at index {index} "
+            f"(tolerance {allowed:.3g}, {tolerance(subject.dtype):g} of the largest magnitude {scale:.3g})"
+        )
+
+
+def assert_differs(subject: Subject, actual: Tensor, expected: Tensor, what: str) -> None:
+    """The opposite of :func:`assert_close`: the outputs must change by more than the tolerance."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    scale = max(float(expected.abs().max()), 1e-6)
+    if float((actual - expected).abs().max()) <= tolerance(subject.dtype) * scale:
+        subject.fail(what)
+
+
+def assert_finite(subject: Subject, tensor: Tensor, what: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        bad = torch.nonzero(~torch.isfinite(tensor))[0]
+        subject.fail(f"{what} contains NaN or inf (first at index {tuple(int(i) for i in bad)})")
+
+
+def check_gradients(subject: Subject, loss_of: Callable[[nn.Module], Tensor], inputs: Collection[Tensor] = ()) -> None:
+    """Backpropagate ``loss_of(module)`` through a module in training mode, then require a
+    finite gradient, not all exactly zero, for every trainable parameter (except names
+    matching ``allow_zero_grad``) and for every input in ``inputs``.
+
+    The parameters are first jittered slightly, so that a component initializing a layer to
+    zero (which blocks the gradient of everything before it at step 0) still passes: the
+    check is about whether gradient *can* reach a parameter.
+    """
+    with subject.check("gradients"):
+        module = subject.build(seed=0)
+        with torch.no_grad(), seeded(1):
+            for parameter in module.parameters():
+                if parameter.is_floating_point():
+                    parameter.add_(0.01 * torch.randn_like(parameter))
+        module.train()
+        loss = loss_of(module)
+        if loss.dim() != 0:
+            subject.fail(f"internal: the kit's loss is not a scalar ({tuple(loss.shape)})")
+        loss.backward()
+        trainable = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        for name, parameter in trainable:
+            if subject.allowed_without_grad(name):
+                continue
+            if parameter.grad is None:
+                subject.fail(
+                    f"parameter {name!r} received no gradient: it is not used in the forward pass, or "
+                    "is detached from it (pass allow_zero_grad=[...] if that is intended)"
+                )
+            assert_finite(subject, parameter.grad, f"the gradient of parameter {name!r}")
+            if not bool(parameter.grad.any()):
+                subject.fail(
+                    f"the gradient of parameter {name!r} is exactly zero everywhere: it does not "
+                    "influence the output (pass allow_zero_grad=[...] if that is intended)"
+                )
+        for position, tensor in enumerate(inputs):
+            if tensor.grad is None or not bool(tensor.grad.any()):
+                subject.fail(f"no gradient reaches input {position}: the output does not depend on it")
+            assert_finite(subject, tensor.grad, f"the gradient of input {position}")
+
+
+def check_determinism(subject: Subject, run: Callable[[nn.Module], Outputs]) -> None:
+    """Two evaluation-mode calls with the same input give the same outputs."""
+    with subject.check("determinism in eval mode"):
+        module = subject.build(seed=0).eval()
+        with torch.no_grad():
+            first, second = run(module), run(module)
+        for key in first:
+            assert_close(subject, second[key], first[key], f"calling it twice in eval mode should give the same {key}")
+
+
+def check_state_dict_round_trip(subject: Subject, run: Callable[[nn.Module], Outputs]) -> None:
+    """A differently seeded fresh instance, loaded with the state dict after a trip through
+    ``torch.save``/``torch.load(weights_only=True)`` (how checkpoints are read), gives the
+    same outputs as the original."""
+    with subject.check("state_dict round trip"):
+        original = subject.build(seed=0).eval()
+        buffer = io.BytesIO()
+        torch.save(original.state_dict(), buffer)
+        buffer.seek(0)
+        try:
+            state = torch.load(buffer, weights_only=True)
+        except Exception as error:  # noqa: BLE001
+            subject.fail(f"the state dict does not load with torch.load(weights_only=True): {error}")
+        fresh = subject.build(seed=12345).eval()
+        try:
+            fresh.load_state_dict(state)
+        except Exception as error:  # noqa: BLE001
+            subject.fail(f"a fresh instance does not accept the state dict: {error}")
+        with torch.no_grad():
+            expected, actual = run(original), run(fresh)
+        for key in expected:
+            assert_close(
+                subject,
+                actual[key],
+                expected[key],
+                f"a fresh instance loaded with the state dict should give the same {key} (state that is "
+                "not in the state dict — a random non-persistent buffer, say — is lost in checkpoints)",
+            )
