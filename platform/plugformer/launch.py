@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,19 @@ def _report(summary: dict[str, Any]) -> None:
         print(f"  W&B offline:   {summary['wandb_dir']}  (view: wandb leet {summary['wandb_dir']})")
 
 
+def _quiet_library_noise() -> None:
+    """Silence messages that say nothing about the run (progress bars of cache writes,
+    deprecations inside libraries, a warning about the run folder we created ourselves)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not empty.*")
+    warnings.filterwarnings("ignore", message=".*The anonymous setting has no effect.*")
+
+
 def launch_training(overrides: list[str]) -> int:
+    _quiet_library_noise()
     plugins = load_plugins()
     store_core_configs()
     original_argv = list(sys.argv)
