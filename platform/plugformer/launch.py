@@ -69,11 +69,17 @@ def _quiet_library_noise() -> None:
 
 
 def launch_training(overrides: list[str]) -> int:
+    """Run ``plugformer train`` with these overrides; returns the exit status.
+
+    A user error ends a single run with a short message (status 2). In a sweep (``-m``) it
+    ends only that job: its summary.json records the failure and the sweep goes on, so a
+    study over components survives the combinations that are refused by design.
+    """
     _quiet_library_noise()
     plugins = load_plugins()
     store_core_configs()
     original_argv = list(sys.argv)
-    failed: list[BaseException] = []
+    rejected: list[str] = []
 
     @hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="train")
     def hydra_task(cfg: DictConfig) -> None:
@@ -81,16 +87,21 @@ def launch_training(overrides: list[str]) -> int:
         try:
             run_from_config(cfg, plugins)
         except PlugformerError as error:
-            failed.append(error)
-            if os.environ.get("HYDRA_FULL_ERROR") == "1" or HydraConfig.get().mode.name == "MULTIRUN":
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            raise SystemExit(_report_error(error)) from None
+            if HydraConfig.get().mode.name != "MULTIRUN":
+                raise SystemExit(_report_error(error)) from None
+            job = f"job {HydraConfig.get().job.num} ({' '.join(HydraConfig.get().overrides.task)})"
+            print(f"plugformer: {job} refused: {error.what}", file=sys.stderr)
+            rejected.append(job)
 
     sys.argv = [original_argv[0], *_with_shared_run_dir(_with_resume_dir(overrides))]
     try:
         hydra_task()
     finally:
         sys.argv = original_argv
+    if rejected:
+        print(f"plugformer: {len(rejected)} job(s) of the sweep were refused; their summary.json says why.", file=sys.stderr)
     return 0
 
 
