@@ -9,8 +9,14 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+import torch  # noqa: E402
+
 from plugformer import BuildContext  # noqa: E402
 from plugformer.plugins import Plugins, load_plugins  # noqa: E402
+
+
+# Tiny tensors run many times faster on one thread than on two busy cores.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -147,6 +147,30 @@ def test_linear_bidirectional_matches_the_quadratic_form(padded):
 
 
 @pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("length", [13, 40])
+def test_linear_with_rotary_follows_roformer(causal, length):
+    """RoFormer eq. 19: rotated features in the numerator, unrotated in the normalizer."""
+    from plugformer_plugins.position import rope
+
+    torch.manual_seed(6)
+    position = rope.COMPONENT.factory(rope.COMPONENT.config(), context(causal))
+    config = linear.LinearAttentionConfig(chunk_size=16)
+    attention = linear.COMPONENT.factory(config, context(causal, position))
+    q, k, v = torch.randn(3, 2, 4, length, 8).unbind(0)
+    positions = torch.arange(length)
+    mask = padding_mask(2, length)
+    got = attention.attend(q, k, v, key_padding_mask=mask, positions=positions)
+
+    phi_q, phi_k = F.elu(q) + 1, (F.elu(k) + 1) * mask[:, None, :, None]
+    rotated_q, rotated_k = position.transform_qk(phi_q, phi_k, positions)
+    numerator, normalizer = rotated_q @ rotated_k.transpose(-1, -2), phi_q @ phi_k.transpose(-1, -2)
+    if causal:
+        numerator, normalizer = numerator.tril(), normalizer.tril()
+    expected = (numerator @ v) / (normalizer.sum(-1, keepdim=True) + config.eps)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
 def test_linear_padding_gives_no_nan_and_finite_gradients(causal):
     torch.manual_seed(6)
     attention = linear.COMPONENT.factory(linear.LinearAttentionConfig(chunk_size=8), context(causal))

@@ -79,9 +79,9 @@ def is_run_dir(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / METRICS_FILE).is_file()
 
 
-def _natural_key(path: Path) -> list[Any]:
+def _natural_key(path: Path) -> list[list[Any]]:
     # Multirun jobs are numbered folders: 2 sorts before 10.
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+    return [[int(p) if p.isdigit() else p for p in re.split(r"(\d+)", part)] for part in path.parts]
 
 
 def _runs_below(root: Path) -> list[Path]:
@@ -231,10 +231,15 @@ def shared_components(runs: list[Run]) -> dict[str, str]:
     return {kind: runs[0].components[kind] for kind in _component_kinds(runs) if kind not in differing}
 
 
-def _names_a_component(key: str, kinds: set[str]) -> bool:
-    # model.attention.name repeats the attention column.
+def _implied_by_component(key: str, values: list[Any], kinds: set[str]) -> bool:
+    """True for ``model.attention.name`` (the attention column says it) and for a
+    component's own option that differs only because the other runs chose another
+    component (``model.attention.window`` set alike wherever attention is local)."""
     parts = key.split(".")
-    return len(parts) >= 2 and parts[-1] == "name" and parts[-2] in kinds
+    if len(parts) < 2 or parts[-2] not in kinds:
+        return False
+    present = [value for value in values if value is not None]
+    return parts[-1] == "name" or (len(present) < len(values) and _all_equal(present))
 
 
 def common_parent(paths: list[Path]) -> Path | None:
@@ -276,13 +281,17 @@ def _summary_metrics(run: Run, val_names: list[str]) -> dict[str, Any]:
 def comparison_table(runs: list[Run]) -> list[dict[str, Any]]:
     """One row per run, all with the same columns in this order: ``run`` (name relative to
     the common parent), ``status``, one column per component kind that differs, the
-    differing config keys (component ``*.name`` keys are covered by the kind columns), the
+    differing config keys (except those a component column implies), the
     final ``val/*`` metrics, ``best/val/loss``, ``params``, ``wall_time_s`` and
     ``tokens_per_second``. Missing values are None."""
     names = run_names(runs)
     kinds = differing_components(runs)
     all_kinds = set(_component_kinds(runs))
-    config = {key: values for key, values in differing_config(runs).items() if not _names_a_component(key, all_kinds)}
+    config = {
+        key: values
+        for key, values in differing_config(runs).items()
+        if not _implied_by_component(key, values, all_kinds)
+    }
     val_names = _val_metric_names(runs)
     rows = []
     for index, run in enumerate(runs):
@@ -297,7 +306,8 @@ def comparison_table(runs: list[Run]) -> list[dict[str, Any]]:
 def differing_columns(row: dict[str, Any]) -> list[str]:
     """The columns of a comparison_table row that say what differs (components, config)."""
     columns = list(row)
-    first_metric = next((i for i, c in enumerate(columns) if c.startswith("val/") or c == "best/val/loss"), len(columns))
+    metric = [i for i, column in enumerate(columns) if column.startswith("val/") or column == "best/val/loss"]
+    first_metric = metric[0] if metric else len(columns)
     return columns[2:first_metric]
 
 
@@ -305,12 +315,14 @@ def format_value(value: Any) -> str:
     """A cell for people: floats to 4 significant digits, large integers grouped."""
     if value is None:
         return MISSING
-    if isinstance(value, bool) or isinstance(value, str):
+    if isinstance(value, (bool, str)):
         return str(value)
     if isinstance(value, int):
         return f"{value:,}" if abs(value) >= 10_000 else str(value)
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}"
+        if math.isnan(value) or math.isinf(value):
+            return str(value)
+        return str(int(value)) if value.is_integer() and abs(value) < 1e6 else f"{value:.4g}"
     return str(value)
 
 
@@ -330,14 +342,17 @@ def logged_metrics(runs: list[Run]) -> list[str]:
 
 
 def check_metric(runs: list[Run], metric: str) -> None:
-    """Raise CompareError when no run logged ``metric``, listing the ones that exist."""
+    """Raise CompareError when runs logged metrics but not ``metric``, listing the ones
+    that exist."""
     available = logged_metrics(runs)
-    if metric in available:
+    # With nothing logged at all (every run failed early) the table is still worth having.
+    if metric in available or not available:
         return
+    suggestion = next((name for name in available if name.startswith("val/")), available[0])
     raise CompareError(
         f"No run logged the metric {metric!r}.",
-        expected=f"one of the metrics in the runs' metrics.csv: {', '.join(available) or '(none logged)'}",
-        fix=f"choose one with --metric, e.g. --metric {available[0] if available else 'val/loss'}",
+        expected=f"one of the metrics in the runs' metrics.csv: {', '.join(available)}",
+        fix=f"choose one with --metric, e.g. --metric {suggestion}",
     )
 
 
@@ -361,14 +376,20 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _shared_note(runs: list[Run]) -> str:
+def notes(runs: list[Run], rows: list[dict[str, Any]]) -> list[str]:
+    """Lines to print under the table: the components all runs share, and why runs failed."""
+    lines = []
     shared = shared_components(runs)
-    return "Same in all runs: " + ", ".join(f"{kind}={name}" for kind, name in shared.items()) if shared else ""
+    if shared:
+        lines.append("Same in all runs: " + ", ".join(f"{kind}={name}" for kind, name in shared.items()))
+    for run, row in zip(runs, rows):
+        if run.summary.get("error"):
+            lines.append(f"run {row['run']} {run.status}: {run.summary['error'].splitlines()[0]}")
+    return lines
 
 
-def write_markdown(rows: list[dict[str, Any]], runs: list[Run], path: Path) -> None:
-    note = _shared_note(runs)
-    path.write_text(markdown_table(rows) + (f"\n{note}\n" if note else ""))
+def write_markdown(rows: list[dict[str, Any]], lines: list[str], path: Path) -> None:
+    path.write_text(markdown_table(rows) + "".join(f"\n{line}\n" for line in lines))
 
 
 def plot_curves(runs: list[Run], labels: list[str], metric: str, path: Path) -> None:
@@ -388,25 +409,28 @@ def plot_curves(runs: list[Run], labels: list[str], metric: str, path: Path) -> 
     axes.set_ylabel(metric)
     axes.set_title(f"{metric} by step")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
+    if axes.lines:
+        axes.legend(fontsize="small")
     figure.savefig(path, dpi=120)
 
 
-def print_table(rows: list[dict[str, Any]], caption: str = "") -> None:
+def print_table(rows: list[dict[str, Any]], lines: list[str]) -> None:
     """The table on the terminal; when output is not a terminal (a pipe, a log file) it is
-    printed wide instead of squeezed to 80 columns."""
+    printed wide instead of squeezed to 80 columns. ``lines`` follow the table."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
     if not console.is_terminal:
         console = Console(width=max(console.width, 240))
-    table = Table(caption=caption or None, caption_justify="left")
+    table = Table()
     for column in rows[0]:
         table.add_column(column, justify="left" if column in ("run", "status") else "right")
     for row in rows:
         table.add_row(*(format_value(value) for value in row.values()))
     console.print(table)
+    for line in lines:
+        console.print(line, highlight=False, markup=False)
 
 
 def default_out_dir(runs: list[Run]) -> Path:
@@ -425,9 +449,10 @@ def compare_command(paths: list[str], *, out: str | None, metric: str) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path, png_path = (out_dir / name for name in OUTPUT_NAMES)
     write_csv(rows, csv_path)
-    write_markdown(rows, runs, md_path)
+    lines = notes(runs, rows)
+    write_markdown(rows, lines, md_path)
     plot_curves(runs, [run_label(row) for row in rows], metric, png_path)
-    print_table(rows, _shared_note(runs))
+    print_table(rows, lines)
     print(f"\nplugformer: compared {len(runs)} run(s)")
     print(f"  table:  {csv_path}")
     print(f"          {md_path}")

@@ -102,7 +102,7 @@ def check_objective(component: Component, config: Any = None, *, sizes: Sizes | 
         )
     ctx = sizes.context(
         causal="causal" in modes,
-        length=sizes.length,
+        limit=component.capabilities_for(config).max_length,
         num_classes=sizes.num_classes,
         token_embedding=nn.Embedding(sizes.vocab_size, sizes.d_model),
     )

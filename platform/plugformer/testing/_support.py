@@ -42,17 +42,21 @@ class Sizes:
         if self.length < 4 or self.batch < 3:
             raise ValueError("Sizes: the checks need length ≥ 4 and batch ≥ 3")
 
-    def length_for(self, max_length: int | None) -> int:
-        return self.length if max_length is None else min(self.length, max_length)
+    def length_for(self, limit: int | None) -> int:
+        """The test sequence length under a component's ``max_length`` capability."""
+        return self.length if limit is None else min(self.length, limit)
 
-    def context(self, *, causal: bool, length: int, **overrides: Any) -> BuildContext:
+    def context(self, *, causal: bool, limit: int | None = None, **overrides: Any) -> BuildContext:
+        """A model's context at these sizes; ``max_length`` (the longest sequence the data
+        yields, here ``self.max_length``) is kept within a component's ``limit``."""
+        max_length = self.max_length if limit is None else min(self.max_length, limit)
         values: dict[str, Any] = dict(
             d_model=self.d_model,
             n_heads=self.n_heads,
             n_layers=self.n_layers,
             dropout=0.0,
             causal=causal,
-            max_length=max(length, min(self.max_length, length * 4)),
+            max_length=max(max_length, self.length_for(limit)),
             vocab_size=self.vocab_size,
         )
         values.update(overrides)
@@ -80,10 +84,10 @@ def single_threaded() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-F = TypeVar("F", bound=Callable[..., Any])
+CheckFunction = TypeVar("CheckFunction", bound=Callable[..., Any])
 
 
-def isolated(function: F) -> F:
+def isolated(function: CheckFunction) -> CheckFunction:
     """Decorator of the public checks: one CPU thread, a seeded global RNG, and both restored
     afterwards, so a check neither depends on nor disturbs the caller's state."""
 

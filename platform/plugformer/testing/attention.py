@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -91,30 +91,27 @@ def check_attention(
     """
     config = config if config is not None else component.config()
     sizes = sizes or Sizes()
-    provides = component.capabilities_for(config).provides
-    length = sizes.length_for(component.capabilities_for(config).max_length)
+    capabilities = component.capabilities_for(config)
+    provides = capabilities.provides
+    length = sizes.length_for(capabilities.max_length)
     modes = [causal for causal, flag in ((True, "causal"), (False, "bidirectional")) if flag in provides]
     if not modes:
         raise AssertionError(
             f"{component.qualified_name}: capabilities: it provides neither 'causal' nor 'bidirectional', "
             "so no objective can use it; declare the modes it supports"
         )
-    positions: list[tuple[str, type[PositionEncoding] | None]] = [("no position", None)]
+    positions: list[tuple[str, Callable[[], PositionEncoding | None]]] = [("no position", lambda: None)]
     if "score_bias" in provides:
-        positions.append(("score-bias position", ScoreBiasProbe))
+        positions.append(("score-bias position", lambda: ScoreBiasProbe(sizes.n_heads)))
     if "qk_transform" in provides:
         positions.append(("qk-transform position", QKTransformProbe))
     for causal in modes:
-        for position_label, probe_type in positions:
-            probe = None
-            if probe_type is ScoreBiasProbe:
-                probe = ScoreBiasProbe(sizes.n_heads)
-            elif probe_type is QKTransformProbe:
-                probe = QKTransformProbe()
+        for position_label, make_position in positions:
+            probe = make_position()
             subject = Subject(
                 component,
                 config,
-                sizes.context(causal=causal, length=length, position=probe),
+                sizes.context(causal=causal, limit=capabilities.max_length, position=probe),
                 dtype=dtype,
                 setting=f"{'causal' if causal else 'bidirectional'}, {position_label}",
                 allow_zero_grad=allow_zero_grad,
@@ -166,8 +163,16 @@ class _AttentionChecks:
                         out = self.call(module, x, mask)
                     if not isinstance(out, Tensor) or out.shape != x.shape or out.dtype != x.dtype:
                         got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
-                        s.fail(f"input {tuple(x.shape)} {dtype} (mask={mask is not None}) gave {got}; expected the input's shape and dtype")
-                    assert_finite(s, out, f"the output (dtype {dtype}, mask={mask is not None})")
+                        s.fail(f"input {tuple(x.shape)} {dtype} gave {got}; expected the input's shape and dtype")
+                    assert_finite(
+                        s,
+                        out,
+                        f"the output (dtype {dtype}, without a mask)"
+                        if mask is None
+                        else f"the output (dtype {dtype}, with a key padding mask; every position must be finite, "
+                        "padded queries and queries that see no key included, since a NaN there reaches real "
+                        "tokens through the next layer)",
+                    )
                     if not torch.equal(x, before):
                         s.fail("forward modified its input in place")
 
@@ -188,9 +193,9 @@ class _AttentionChecks:
                             s,
                             out[:, :cut] * real,
                             reference[:, :cut] * real,
-                            f"changing the tokens from position {cut} on (mask={mask is not None}) should leave the "
-                            f"outputs at real tokens before {cut} unchanged in a causal model, since a query must "
-                            "not see later keys",
+                            f"changing the tokens from position {cut} on ({'with' if mask is not None else 'without'} "
+                            f"a key padding mask) should leave the outputs at real tokens before {cut} unchanged in a "
+                            "causal model, since a query must not see later keys",
                         )
 
     def key_padding(self) -> None:

@@ -50,7 +50,7 @@ def check_position(
         subject = Subject(
             component,
             config,
-            sizes.context(causal=causal, length=length),
+            sizes.context(causal=causal, limit=capabilities.max_length),
             dtype=dtype,
             setting="causal" if causal else "bidirectional",
             allow_zero_grad=allow_zero_grad,

@@ -84,7 +84,7 @@ def _subject(component: Component, config: Any, dtype: torch.dtype, sizes: Sizes
     return Subject(
         component,
         config,
-        sizes.context(causal=True, length=sizes.length),
+        sizes.context(causal=True),
         dtype=dtype,
         allow_zero_grad=allow_zero_grad,
     )
@@ -129,12 +129,24 @@ class _PositionWiseChecks:
             with torch.no_grad():
                 reference = module(self.x)
                 permuted = module(self.x[:, order])
+                changed = self.x.clone()
+                changed[:, 1::3] = randn(*changed[:, 1::3].shape, seed=91, dtype=s.dtype)
+                others = module(changed)
+            untouched = torch.ones(self.sizes.length, dtype=torch.bool)
+            untouched[1::3] = False
+            assert_close(
+                s,
+                others[:, untouched],
+                reference[:, untouched],
+                "changing some tokens should leave the outputs at the other tokens unchanged: each token is "
+                "processed on its own, without seeing the others",
+            )
             assert_close(
                 s,
                 permuted,
                 reference[:, order],
-                "permuting the tokens should permute the outputs the same way: each token is processed "
-                "on its own, without seeing the others",
+                "permuting the tokens should permute the outputs the same way: the same function is applied "
+                "at every position",
             )
 
     def batch_independence(self) -> None:

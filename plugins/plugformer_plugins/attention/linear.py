@@ -1,0 +1,119 @@
+"""Linear attention with the feature map φ(x) = elu(x) + 1 (Katharopoulos et al. 2020,
+"Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention").
+
+out_i = φ(q_i)ᵀ S_i / (φ(q_i)ᵀ z_i + eps), with S_i = Σ_j φ(k_j) v_jᵀ and z_i = Σ_j φ(k_j) over
+the non-padded keys j (causal: j ≤ i). There is no score matrix, so no additive score bias
+and no attention dropout. A query/key transform (rotary) is applied as in RoFormer (Su et
+al. 2021, eq. 19): to the features φ(q), φ(k) in the numerator only, the normalizer keeping
+the unrotated features, so scores depend on relative positions and the normalizer stays
+positive. A query that sees no key returns zeros. Time and memory are linear in the
+length: the causal prefix sums run chunk by chunk (see :class:`LinearAttention`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from plugformer import Attention, BuildContext, Capabilities, Component, ConfigError
+
+
+@dataclass
+class LinearAttentionConfig:
+    """``chunk_size``: length of the chunks of the causal prefix sums; ``eps``: added to the
+    normalizer."""
+
+    chunk_size: int = 64
+    eps: float = 1e-6
+    bias: bool = True
+
+
+def feature_map(x: Tensor) -> Tensor:
+    """φ(x) = elu(x) + 1, positive everywhere, in float32."""
+    return F.elu(x.float()) + 1.0
+
+
+def _exclusive_cumsum(x: Tensor) -> Tensor:
+    """Sum over the earlier chunks (dim 2), zero for the first; shifted rather than
+    cumsum − x, which would cancel catastrophically on long sequences."""
+    return torch.cat([torch.zeros_like(x[:, :, :1]), torch.cumsum(x[:, :, :-1], dim=2)], dim=2)
+
+
+class LinearAttention(Attention):
+    """Kernelized attention over (batch, heads, length, head_dim).
+
+    Causal: the sequence is cut into chunks of ``chunk_size``. Within a chunk the prefix sums
+    are the masked quadratic form (φ(Q)φ(K)ᵀ ⊙ lower-triangular)V; across chunks, each chunk
+    adds the state (S, z) accumulated by all earlier chunks. The states are per chunk
+    ((length / chunk_size) × head_dim × head_dim), never per token.
+    """
+
+    def __init__(self, config: LinearAttentionConfig, ctx: BuildContext) -> None:
+        super().__init__(ctx, bias=config.bias)
+        if config.chunk_size < 1:
+            raise ConfigError(
+                f"model.attention.chunk_size={config.chunk_size} for linear attention.",
+                expected="chunk_size ≥ 1",
+                fix="set model.attention.chunk_size to a positive integer, e.g. 64",
+            )
+        self.chunk_size = config.chunk_size
+        self.eps = config.eps
+
+    def transform_qk(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return q, k  # applied to the features inside attend()
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None, positions: Tensor) -> Tensor:
+        phi_q, phi_k, values = feature_map(q), feature_map(k), v.float()
+        if key_padding_mask is not None:
+            phi_k = phi_k * key_padding_mask[:, None, :, None].to(phi_k.dtype)
+        rotated_q, rotated_k = super().transform_qk(phi_q, phi_k, positions)
+        if self.causal:
+            numerator, denominator = self._causal_sums(rotated_q, rotated_k, phi_q, phi_k, values)
+        else:
+            numerator = torch.matmul(rotated_q, torch.einsum("bhnd,bhne->bhde", rotated_k, values))
+            denominator = torch.matmul(phi_q, phi_k.sum(dim=-2).unsqueeze(-1)).squeeze(-1)
+        return (numerator / (denominator.unsqueeze(-1) + self.eps)).to(v.dtype)
+
+    def _causal_sums(
+        self, rotated_q: Tensor, rotated_k: Tensor, phi_q: Tensor, phi_k: Tensor, values: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Σ_{j≤i} (rq_i·rk_j) v_j and Σ_{j≤i} φ(q_i)·φ(k_j) for every i (rq, rk: the
+        rotated features, the same tensors as φ(q), φ(k) without a transform)."""
+        length = phi_q.shape[-2]
+        chunk = min(self.chunk_size, length)
+        tail = -length % chunk
+
+        def chunks(x: Tensor) -> Tensor:  # (b, h, n, e) → (b, h, n_chunks, chunk, e); zero padding adds nothing
+            return (F.pad(x, (0, 0, 0, tail)) if tail else x).unflatten(-2, (-1, chunk))
+
+        rotated = rotated_q is not phi_q or rotated_k is not phi_k
+        phi_q, phi_k, values = chunks(phi_q), chunks(phi_k), chunks(values)
+        rotated_q, rotated_k = (chunks(rotated_q), chunks(rotated_k)) if rotated else (phi_q, phi_k)
+
+        # Within a chunk: the masked quadratic form. Across chunks: the exclusive prefix sum
+        # of the chunk states, i.e. what all earlier chunks contributed.
+        within = torch.matmul(rotated_q, rotated_k.transpose(-1, -2)).tril_()  # (b, h, nc, chunk, chunk)
+        state = _exclusive_cumsum(torch.matmul(rotated_k.transpose(-1, -2), values))  # (b, h, nc, hd, hd)
+        numerator = torch.matmul(within, values) + torch.matmul(rotated_q, state)
+        if rotated:
+            within = torch.matmul(phi_q, phi_k.transpose(-1, -2)).tril_()
+        norm = _exclusive_cumsum(phi_k.sum(dim=-2))  # (b, h, nc, hd)
+        denominator = within.sum(dim=-1) + torch.matmul(phi_q, norm.unsqueeze(-1)).squeeze(-1)
+        return numerator.flatten(2, 3)[:, :, :length], denominator.flatten(2, 3)[:, :, :length]
+
+
+COMPONENT = Component(
+    kind="attention",
+    name="linear",
+    factory=LinearAttention,
+    config=LinearAttentionConfig,
+    summary="Linear attention with φ(x) = elu(x)+1; causal prefix sums computed chunkwise in O(n).",
+    reference="Katharopoulos et al. 2020, Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention",
+    capabilities=Capabilities(
+        provides={"causal", "bidirectional", "key_padding_mask", "qk_transform"},
+        cost="linear",
+    ),
+)

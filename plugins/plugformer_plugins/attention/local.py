@@ -1,0 +1,147 @@
+"""Sliding-window (local) softmax attention, computed block by block so that time and memory
+grow as n·w rather than n² (Beltagy et al. 2020, "Longformer: The Long-Document Transformer").
+
+Which keys a query at index i sees (indices in the sequence, not values of ``positions``):
+
+- causal: j with 0 ≤ i − j ≤ (window − 1)·dilation and i − j a multiple of ``dilation``, that is
+  ``window`` keys counting the query itself;
+- bidirectional: j with |i − j| ≤ (window − 1)·dilation, a multiple of ``dilation``, that is
+  ``window`` keys on each side counting the query itself (2·window − 1 in all). The causal
+  window is the left half of the bidirectional one.
+
+Dilation spreads the window as in Longformer: with ``dilation`` d a query sees every d-th
+position and its receptive field is (window − 1)·d + 1 wide, at the cost of a window of
+``window`` keys. Padded keys (``key_padding_mask`` False) are never seen; a query that sees
+no key at all returns zeros. The position's additive score bias is computed per block from
+the gathered positions, so ALiBi-style biases work unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from plugformer import Attention, BuildContext, Capabilities, Component, ConfigError
+
+
+@dataclass
+class LocalAttentionConfig:
+    """``window``: keys a query sees on its side (causal: the previous ones, itself included;
+    bidirectional: that many on each side). ``dilation``: see every d-th position."""
+
+    window: int = 64
+    dilation: int = 1
+    bias: bool = True
+
+
+def _pad(x: Tensor, dim: int, before: int, after: int, fill: float | bool) -> Tensor:
+    """``x`` with ``before``/``after`` entries of ``fill`` added along ``dim`` (any dtype)."""
+    if before == after == 0:
+        return x
+    parts = []
+    for size in (before, after):
+        shape = list(x.shape)
+        shape[dim] = size
+        parts.append(x.new_full(shape, fill) if size else None)
+    return torch.cat([p for p in (parts[0], x, parts[1]) if p is not None], dim=dim)
+
+
+def _split_residues(x: Tensor, dim: int, dilation: int, fill: float | bool) -> Tensor:
+    """(..., n, ...) along negative ``dim`` → (..., dilation, ceil(n / dilation), ...), where
+    entry [r, m] is position m·dilation + r; the tail is padded with ``fill``."""
+    length = x.shape[dim]
+    x = _pad(x, dim, 0, -length % dilation, fill)
+    return x.unflatten(dim, (-1, dilation)).transpose(dim - 1, dim)
+
+
+class SlidingWindowAttention(Attention):
+    """Local attention over (batch, heads, length, head_dim), in blocks of ``window`` queries.
+
+    Each block of queries gathers only the keys of its own block and the previous one (and
+    the next one when bidirectional), so the score tensor is (length × 2 or 3 · block).
+    Positions i and j can only meet under dilation d when i ≡ j (mod d), so the sequence is
+    first split into d interleaved subsequences, in each of which the window is a plain one.
+    """
+
+    def __init__(self, config: LocalAttentionConfig, ctx: BuildContext) -> None:
+        super().__init__(ctx, bias=config.bias)
+        for option in ("window", "dilation"):
+            if getattr(config, option) < 1:
+                raise ConfigError(
+                    f"model.attention.{option}={getattr(config, option)} for local attention.",
+                    expected=f"{option} ≥ 1",
+                    fix=f"set model.attention.{option} to a positive integer",
+                )
+        self.window = config.window
+        self.dilation = config.dilation
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None, positions: Tensor) -> Tensor:
+        length = q.shape[-2]
+        d = self.dilation
+        if key_padding_mask is None:
+            valid = torch.ones(1, length, dtype=torch.bool, device=q.device)
+        else:
+            valid = key_padding_mask.bool()
+        q, k, v = (_split_residues(t, -2, d, 0.0) for t in (q, k, v))  # (batch, heads, d, m, head_dim)
+        out = self._attend_windows(
+            q, k, v, valid=_split_residues(valid, -1, d, False), positions=_split_residues(positions, -1, d, 0)
+        )
+        return out.transpose(-3, -2).flatten(-3, -2)[..., :length, :]
+
+    def _attend_windows(self, q: Tensor, k: Tensor, v: Tensor, *, valid: Tensor, positions: Tensor) -> Tensor:
+        """Undilated window attention; q/k/v (..., m, head_dim), valid (batch, R, m), positions (R, m)."""
+        m = q.shape[-2]
+        block = min(self.window, m)
+        n_blocks = -(-m // block)
+        tail = n_blocks * block - m
+        ahead = 0 if self.causal else block  # bidirectional windows also reach into the next block
+        span = 2 * block + ahead
+
+        def windows(x: Tensor, dim: int, fill: float | bool) -> Tensor:
+            # Key slot s of block c is index (c − 1)·block + s; the unfolded axis goes last.
+            return _pad(x, dim, block, tail + ahead, fill).unfold(dim, span, block)
+
+        q_blocks = _pad(q, -2, 0, tail, 0.0).unflatten(-2, (n_blocks, block))  # (..., nb, block, hd)
+        k_windows = windows(k, -2, 0.0)  # (..., nb, hd, span)
+        v_windows = windows(v, -2, 0.0).transpose(-1, -2)  # (..., nb, span, hd)
+        key_valid = windows(valid, -1, False)  # (batch, R, nb, span)
+
+        # i − j for query row t and key slot s of the same block: t + block − s.
+        offset = (
+            torch.arange(block, device=q.device)[:, None] + block - torch.arange(span, device=q.device)[None, :]
+        )
+        band = (offset >= 0) & (offset < self.window) if self.causal else offset.abs() < self.window
+        allowed = band & key_valid[:, None, :, :, None, :]  # (batch, 1, R, nb, block, span)
+
+        # In-place steps below act on fresh tensors no backward needs, saving (n × span) copies.
+        scores = torch.matmul(q_blocks * self.scale, k_windows).float()
+        bias = self.score_bias(
+            _pad(positions, -1, 0, tail, 0).unflatten(-1, (n_blocks, block)), windows(positions, -1, 0)
+        )
+        if bias is not None:
+            scores.add_(bias)
+        # A finite fill gives masked keys exactly zero weight, and rows without any visible key
+        # a uniform (not NaN) weight; those rows are zeroed at the output.
+        scores.masked_fill_(~allowed, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, dim=-1).to(v.dtype)
+        if self.training and self.dropout > 0:
+            weights = F.dropout(weights, p=self.dropout)
+        out = torch.matmul(weights, v_windows).masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
+        return out.flatten(-3, -2)[..., :m, :]
+
+
+COMPONENT = Component(
+    kind="attention",
+    name="local",
+    factory=SlidingWindowAttention,
+    config=LocalAttentionConfig,
+    summary="Sliding-window softmax attention (optionally dilated), computed blockwise in O(n·w).",
+    reference="Beltagy et al. 2020, Longformer: The Long-Document Transformer",
+    capabilities=Capabilities(
+        provides={"causal", "bidirectional", "key_padding_mask", "score_bias", "qk_transform"},
+        cost="n·w",
+    ),
+)
