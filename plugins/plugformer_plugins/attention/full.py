@@ -33,12 +33,16 @@ class FullAttention(Attention):
             allowed = allowed.tril()
         if key_padding_mask is not None:
             allowed = allowed & key_padding_mask[:, None, None, :].bool()
-            # A query with no visible key (a padded row) would give NaN; its output is unused.
-            allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
-        scores_mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
-        if bias is not None:
-            scores_mask = scores_mask + bias.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=scores_mask, dropout_p=dropout)
+        # A query with no visible key (a padded row) would give NaN: let it see every key
+        # for the kernel's sake, then return zeros for it, as the other attentions do.
+        visible = allowed.any(dim=-1, keepdim=True)
+        allowed = allowed | ~visible
+        if bias is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+        else:
+            scores_bias = torch.where(allowed, bias.to(q.dtype), float("-inf"))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=scores_bias, dropout_p=dropout)
+        return out * visible.to(out.dtype)
 
 
 COMPONENT = Component(
