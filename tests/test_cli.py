@@ -122,3 +122,17 @@ def test_no_command_and_help() -> None:
     assert run_cli().returncode == 2
     result = run_cli("--help")
     assert result.returncode == 0 and "train" in result.stdout and "plugins" in result.stdout
+
+
+def test_a_sweep_records_a_refused_combination_and_goes_on(tmp_path: Path) -> None:
+    result = run_cli(
+        "train", "-m", "model/attention=linear,full", "model/position=alibi", "trainer.max_steps=2",
+        "trainer.val_check_interval=2", "logger=none", f"paths.runs_dir={tmp_path}", "experiment_name=sweep", *FAST,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "refused" in result.stderr and "1 job(s)" in result.stderr
+    (sweep,) = (tmp_path / "sweep").iterdir()
+    refused, trained = read_summary(sweep / "0"), read_summary(sweep / "1")
+    assert refused["status"] == "failed" and "CapabilityError" in refused["error"]
+    assert refused["components"]["attention"] == "linear"
+    assert trained["status"] == "finished" and trained["components"]["attention"] == "full"
