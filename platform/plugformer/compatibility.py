@@ -33,6 +33,10 @@ def _accepts(candidate: Component, other_kind: str, other: Chosen) -> bool:
     return needed <= other.provides()
 
 
+def _article(noun: str) -> str:
+    return "an" if noun[0] in "aeiou" else "a"
+
+
 def check_requirements(chosen: dict[str, Chosen], registry: Registry) -> None:
     """Raise :class:`CapabilityError` for the first requirement a chosen component lacks.
 
@@ -52,7 +56,7 @@ def check_requirements(chosen: dict[str, Chosen], registry: Registry) -> None:
             raise CapabilityError(
                 f"{kind} {mine.name!r} needs {', '.join(sorted(missing))} from the {other_kind}, "
                 f"which {other_kind} {other.name!r} does not provide.",
-                expected=f"a {other_kind} that provides {', '.join(sorted(flags))}",
+                expected=f"{_article(other_kind)} {other_kind} that provides {', '.join(sorted(flags))}",
                 fix=f"choose {CONFIG_GROUPS[other_kind]}= one of [{', '.join(instead_of_other) or 'none installed'}], "
                 f"or keep {other_kind} {other.name!r} with {CONFIG_GROUPS[kind]}= one of "
                 f"[{', '.join(instead_of_mine) or 'none installed'}]",

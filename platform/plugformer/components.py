@@ -46,7 +46,7 @@ class BuildContext:
 
 @dataclass(frozen=True)
 class DataContext:
-    """What a data task's factory may read: where to cache, the seed, and the rank."""
+    """What a data task's factory may read: where to cache and the run's seed."""
 
     cache_dir: Path
     seed: int = 0

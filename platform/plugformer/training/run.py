@@ -158,6 +158,8 @@ def _train(state: RunState, plugins: Plugins, ckpt_path: str | None) -> None:
     for logger in state.loggers:
         logger.log_hyperparams({"model/params": state.params})
     state.trainer.fit(state.module, datamodule=data, ckpt_path=ckpt_path)
+    if cfg.get("test_after_fit"):
+        state.trainer.test(state.module, datamodule=data, ckpt_path="best" if state.trainer.checkpoint_callback else None)
 
 
 def _finish(state: RunState, plugins: Plugins, status: str, error: str | None) -> dict[str, Any]:
