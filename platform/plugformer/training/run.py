@@ -45,7 +45,6 @@ class RunState:
     history: MetricHistory | None = None
     throughput: ThroughputMonitor | None = None
     loggers: list[Any] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def component_tags(chosen: dict[str, Chosen], techniques: dict[str, Chosen]) -> list[str]:
