@@ -24,8 +24,8 @@ FAST = [
 
 def run_cli(*args: str, env: dict[str, str] | None = None, python: str | None = None, timeout: int = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """``python -m plugformer <args>``; returns the completed process (output captured)."""
-    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", **(env or {})}
-    full_env.pop("HYDRA_FULL_ERROR", None) if env is None or "HYDRA_FULL_ERROR" not in env else None
+    inherited = {name: value for name, value in os.environ.items() if name != "HYDRA_FULL_ERROR"}
+    full_env = {**inherited, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
     return subprocess.run(
         [python or sys.executable, "-m", "plugformer", *args],
         capture_output=True,

@@ -8,7 +8,8 @@ from omegaconf import OmegaConf
 
 from compose import compose_train
 from plugformer import CapabilityError
-from plugformer.model.builder import check_components, choose_components
+from plugformer.compatibility import check_requirements
+from plugformer.model.builder import choose_components
 
 
 def test_defaults_choose_one_component_per_kind(registry) -> None:
@@ -18,7 +19,7 @@ def test_defaults_choose_one_component_per_kind(registry) -> None:
         "attention": "full", "position": "learned", "norm": "layernorm",
         "ffn": "mlp", "objective": "causal_lm", "data": "mqar",
     }
-    check_components(chosen, registry)
+    check_requirements(chosen, registry)
     assert cfg.trainer.accelerator == "cpu" and "wandb" in cfg.logger
 
 
@@ -78,7 +79,7 @@ def test_objective_and_data_requirements_are_checked(registry) -> None:
     chosen = choose_components(compose_train(), registry)
     chosen["attention"] = Chosen(encoder_only, Empty())
     with pytest.raises(CapabilityError) as error:
-        check_components(chosen, registry)
+        check_requirements(chosen, registry)
     message = str(error.value)
     assert "objective 'causal_lm' needs causal" in message and "'encoder_only'" in message
     assert "full" in message

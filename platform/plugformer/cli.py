@@ -3,21 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
-from plugformer.errors import PlugformerError
-
-COMMANDS = ("train", "plugins", "compare")
-
-
-def _print_error(error: PlugformerError) -> None:
-    print(f"plugformer: error: {error.message()}", file=sys.stderr)
-
-
-def _full_errors() -> bool:
-    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+from plugformer.errors import PlugformerError, full_tracebacks_requested, report_user_error
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,38 +31,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args:
         parser.print_help()
         return 2
-    if args[0] == "train":
-        return _train(args[1:])
-    parsed = parser.parse_args(args)
     try:
-        if parsed.command == "plugins":
-            from plugformer.listing import print_plugins
-
-            print_plugins(as_json=parsed.json)
-            return 0
-        if parsed.command == "compare":
-            from plugformer.compare import compare_command
-
-            return compare_command(parsed.paths, out=parsed.out, metric=parsed.metric)
+        return _dispatch(parser, args)
     except PlugformerError as error:
-        if _full_errors():
+        if full_tracebacks_requested():
             raise
-        _print_error(error)
-        return 2
+        return report_user_error(error)
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: list[str]) -> int:
+    if args[0] == "train":  # Hydra parses the rest, -m and --help included
+        from plugformer.launch import launch_training
+
+        return launch_training(args[1:])
+    parsed = parser.parse_args(args)
+    if parsed.command == "plugins":
+        from plugformer.listing import print_plugins
+
+        print_plugins(as_json=parsed.json)
+        return 0
+    if parsed.command == "compare":
+        from plugformer.compare import compare_command
+
+        return compare_command(parsed.paths, out=parsed.out, metric=parsed.metric)
     parser.print_help()
     return 2
-
-
-def _train(overrides: list[str]) -> int:
-    from plugformer.launch import launch_training
-
-    try:
-        return launch_training(overrides)
-    except PlugformerError as error:
-        if _full_errors():
-            raise
-        _print_error(error)
-        return 2
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ traceback.
 
 from __future__ import annotations
 
+import os
+import sys
+
+USER_ERROR_STATUS = 2
+
 
 class PlugformerError(Exception):
     """A mistake the user can fix: bad configuration, an unusable combination, a broken plugin."""
@@ -44,3 +49,14 @@ class PluginError(PlugformerError):
 
 class DataError(PlugformerError):
     """A data task that cannot build its splits (missing files, no network, bad sizes)."""
+
+
+def full_tracebacks_requested() -> bool:
+    """HYDRA_FULL_ERROR=1 asks for the whole traceback instead of the short message."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def report_user_error(error: PlugformerError) -> int:
+    """Print the short message to stderr; returns the exit status for user errors."""
+    print(f"plugformer: error: {error.message()}", file=sys.stderr)
+    return USER_ERROR_STATUS

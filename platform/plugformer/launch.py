@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from plugformer.config import store_core_configs
-from plugformer.errors import PlugformerError
+from plugformer.errors import PlugformerError, full_tracebacks_requested, report_user_error
 from plugformer.plugins import Plugins, load_plugins
 from plugformer.resume import plan_run, write_run_id
 from plugformer.training.run import CONFIG_FILE, train
@@ -87,10 +87,10 @@ def launch_training(overrides: list[str]) -> int:
         try:
             run_from_config(cfg, plugins)
         except PlugformerError as error:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            if full_tracebacks_requested():
                 raise
             if HydraConfig.get().mode.name != "MULTIRUN":
-                raise SystemExit(_report_error(error)) from None
+                raise SystemExit(report_user_error(error)) from None
             job = f"job {HydraConfig.get().job.num} ({' '.join(HydraConfig.get().overrides.task)})"
             print(f"plugformer: {job} refused: {error.what}", file=sys.stderr)
             rejected.append(job)
@@ -103,11 +103,6 @@ def launch_training(overrides: list[str]) -> int:
     if rejected:
         print(f"plugformer: {len(rejected)} job(s) of the sweep were refused; their summary.json says why.", file=sys.stderr)
     return 0
-
-
-def _report_error(error: PlugformerError) -> int:
-    print(f"plugformer: error: {error.message()}", file=sys.stderr)
-    return 2
 
 
 def _with_resume_dir(overrides: list[str]) -> list[str]:

@@ -8,7 +8,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from plugformer.compatibility import Chosen, check_length, check_requirements
+from plugformer.compatibility import Chosen, check_length
 from plugformer.components import BuildContext, DataTask
 from plugformer.config import Placement
 from plugformer.errors import ConfigError
@@ -54,11 +54,6 @@ def chosen_techniques(cfg: DictConfig, registry: Registry) -> dict[str, Chosen]:
     techniques = cfg.get("techniques") or {}
     chosen = {name: registry.get("technique", name) for name in techniques}
     return {name: Chosen(component, _config_object(component, techniques[name])) for name, component in chosen.items()}
-
-
-def check_components(chosen: dict[str, Chosen], registry: Registry) -> None:
-    """Every requirement between chosen components holds, or one clear CapabilityError."""
-    check_requirements(chosen, registry)
 
 
 def model_is_causal(chosen: dict[str, Chosen]) -> bool:

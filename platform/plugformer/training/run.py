@@ -15,11 +15,11 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressB
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from plugformer.compatibility import Chosen
+from plugformer.compatibility import Chosen, check_requirements
 from plugformer.components import DataContext
 from plugformer.config import optim_config
 from plugformer.errors import ConfigError
-from plugformer.model.builder import build_model, check_components, choose_components, chosen_techniques
+from plugformer.model.builder import build_model, choose_components, chosen_techniques
 from plugformer.plugins import Plugins
 from plugformer.training.callbacks import MetricHistory, ThroughputMonitor, final_metrics
 from plugformer.training.checkpointing import AtomicCheckpointIO, write_json_atomically
@@ -134,7 +134,7 @@ def _train(state: RunState, plugins: Plugins, ckpt_path: str | None) -> None:
     registry = plugins.registry
     chosen = choose_components(cfg, registry)
     state.components = {kind: c.name for kind, c in chosen.items()}
-    check_components(chosen, registry)
+    check_requirements(chosen, registry)
     techniques = chosen_techniques(cfg, registry)
     hooks = plugins.run_manager({name: t.component.factory(t.config, cfg) for name, t in techniques.items()})
     hooks.hook.validate_config(cfg=cfg, registry=registry)
