@@ -3,6 +3,7 @@
 This module is the public API that plugins build on (built-in and third-party alike).
 """
 
+from plugformer.bounds import Bounds, bounds, check_bounds
 from plugformer.capabilities import Capabilities
 from plugformer.compatibility import Chosen
 from plugformer.components import (
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "KINDS",
     "Attention",
+    "Bounds",
     "BuildContext",
     "Capabilities",
     "CapabilityError",
@@ -50,6 +52,8 @@ __all__ = [
     "Provider",
     "Registry",
     "UnknownComponentError",
+    "bounds",
+    "check_bounds",
     "hookimpl",
     "mark_residual_projection",
 ]

@@ -3,12 +3,15 @@ ConfigStore so that overrides like ``model.d_model=abc`` fail with Hydra's type 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+
+from plugformer.bounds import METADATA_KEY, bounds, check_bounds
+from plugformer.errors import ConfigError
 
 
 class Placement(str, Enum):
@@ -27,10 +30,10 @@ class BlockConfig:
 
 @dataclass
 class ModelConfig:
-    d_model: int = 128
-    n_layers: int = 2
-    n_heads: int = 4
-    dropout: float = 0.0
+    d_model: int = field(default=128, metadata=bounds(ge=1))
+    n_layers: int = field(default=2, metadata=bounds(ge=1))
+    n_heads: int = field(default=4, metadata=bounds(ge=1))
+    dropout: float = field(default=0.0, metadata=bounds(ge=0.0, lt=1.0))
     tie_embeddings: bool = True
     block: BlockConfig = field(default_factory=BlockConfig)
     # The chosen components' configs; composed from the model/<kind> groups.
@@ -50,13 +53,13 @@ class Schedule(str, Enum):
 class OptimConfig:
     """AdamW with linear warm-up, then the schedule down to ``lr * min_lr_ratio``."""
 
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    warmup_steps: int = 100
+    lr: float = field(default=1e-3, metadata=bounds(gt=0.0))
+    weight_decay: float = field(default=0.1, metadata=bounds(ge=0.0))
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata=bounds(ge=0.0, lt=1.0))
+    eps: float = field(default=1e-8, metadata=bounds(gt=0.0))
+    warmup_steps: int = field(default=100, metadata=bounds(ge=0))
     schedule: Schedule = Schedule.cosine
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = field(default=0.1, metadata=bounds(ge=0.0, le=1.0))
 
 
 def store_core_configs(store: ConfigStore | None = None) -> None:
@@ -68,3 +71,18 @@ def store_core_configs(store: ConfigStore | None = None) -> None:
 def optim_config(cfg: DictConfig) -> OptimConfig:
     """The run's optimizer settings as a typed object (also for configs read back from YAML)."""
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OptimConfig), cfg.optim))
+
+
+def check_core_config(cfg: DictConfig) -> None:
+    """Reject model sizes and optimizer settings outside their declared bounds, in one
+    :class:`plugformer.ConfigError`, before any data or model is built."""
+    errors: list[ConfigError] = []
+    for schema, path in ((ModelConfig, "model"), (OptimConfig, "optim")):
+        node = OmegaConf.to_container(cfg[path], resolve=True) if cfg.get(path) is not None else {}
+        bounded = {f.name: node[f.name] for f in fields(schema) if METADATA_KEY in f.metadata and f.name in node}
+        try:
+            check_bounds(schema(**bounded), path)
+        except ConfigError as error:
+            errors.append(error)
+    if errors:
+        raise ConfigError(" ".join(e.what for e in errors), fix="; ".join(e.fix or "" for e in errors))

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from plugformer.config import store_core_configs
 from plugformer.errors import PlugformerError, full_tracebacks_requested, report_user_error
+from plugformer.overrides import check_group_choices
 from plugformer.plugins import Plugins, load_plugins
 from plugformer.resume import plan_run, write_run_id
 from plugformer.training.run import CONFIG_FILE, train
@@ -78,6 +79,7 @@ def launch_training(overrides: list[str]) -> int:
     _quiet_library_noise()
     plugins = load_plugins()
     store_core_configs()
+    check_group_choices(overrides)  # a typo in experiment= or debug= must not train the default
     original_argv = list(sys.argv)
     rejected: list[str] = []
 

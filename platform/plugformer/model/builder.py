@@ -10,7 +10,8 @@ from torch import nn
 
 from plugformer.compatibility import Chosen, check_length
 from plugformer.components import BuildContext, DataTask
-from plugformer.config import Placement
+from plugformer.bounds import check_bounds
+from plugformer.config import Placement, check_core_config
 from plugformer.errors import ConfigError
 from plugformer.model.transformer import Block, Transformer, initialize
 from plugformer.registry import CONFIG_GROUPS, Component, Registry
@@ -23,16 +24,20 @@ def _config_object(component: Component, node: DictConfig) -> Any:
     validated even when the node was read back from YAML (a resumed run)."""
     options = {key: value for key, value in OmegaConf.to_container(node, resolve=True).items() if key != "name"}
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(component.config), options))
+        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(component.config), options))
     except Exception as error:  # noqa: BLE001 - OmegaConf raises several types
         raise ConfigError(
             f"The {component.kind} config of {component.name!r} is incomplete or invalid: {error}",
             fix=f"set the option with {CONFIG_GROUPS[component.kind].replace('/', '.')}.<option>=<value>",
         ) from None
+    path = f"techniques.{component.name}" if component.kind == "technique" else CONFIG_GROUPS[component.kind].replace("/", ".")
+    check_bounds(config, path)
+    return config
 
 
 def choose_components(cfg: DictConfig, registry: Registry) -> dict[str, Chosen]:
     """The component and config object of every kind the config selects."""
+    check_core_config(cfg)
     nodes = {kind: cfg.model.get(kind) for kind in MODEL_KINDS}
     nodes["objective"] = cfg.get("objective")
     nodes["data"] = cfg.get("data")

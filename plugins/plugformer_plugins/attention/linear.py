@@ -12,13 +12,13 @@ length: the causal prefix sums run chunk by chunk (see :class:`LinearAttention`)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from plugformer import Attention, BuildContext, Capabilities, Component, ConfigError
+from plugformer import Attention, BuildContext, Capabilities, Component, ConfigError, bounds
 
 
 @dataclass
@@ -26,8 +26,8 @@ class LinearAttentionConfig:
     """``chunk_size``: length of the chunks of the causal prefix sums; ``eps``: added to the
     normalizer."""
 
-    chunk_size: int = 64
-    eps: float = 1e-6
+    chunk_size: int = field(default=64, metadata=bounds(ge=1))
+    eps: float = field(default=1e-6, metadata=bounds(gt=0.0))
     bias: bool = True
 
 

@@ -18,13 +18,13 @@ the gathered positions, so ALiBi-style biases work unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from plugformer import Attention, BuildContext, Capabilities, Component, ConfigError
+from plugformer import Attention, BuildContext, Capabilities, Component, ConfigError, bounds
 
 
 @dataclass
@@ -32,8 +32,8 @@ class LocalAttentionConfig:
     """``window``: keys a query sees on its side (causal: the previous ones, itself included;
     bidirectional: that many on each side). ``dilation``: see every d-th position."""
 
-    window: int = 64
-    dilation: int = 1
+    window: int = field(default=64, metadata=bounds(ge=1))
+    dilation: int = field(default=1, metadata=bounds(ge=1))
     bias: bool = True
 
 

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from datasets import Dataset, DatasetDict
 
-from plugformer import Capabilities, Component, ConfigError, DataContext, DataError
+from plugformer import Capabilities, Component, ConfigError, DataContext, DataError, bounds
 from plugformer.data import CachedDatasetTask
 
 
@@ -66,16 +66,16 @@ class ListOpsConfig:
     """Defaults: a small variant that trains on a laptop CPU. LRA's sizes are in
     ``experiment=listops_lra`` (depth 10, 10 args, lengths 500-2000, 96k/2k/2k)."""
 
-    max_depth: int = 5
-    max_args: int = 10
+    max_depth: int = field(default=5, metadata=bounds(ge=2))
+    max_args: int = field(default=10, metadata=bounds(ge=2))
     # Accepted expressions have min_length < tokens < max_length (CLS not counted).
-    min_length: int = 30
-    max_length: int = 120
-    train_examples: int = 20000
-    val_examples: int = 1000
-    test_examples: int = 1000
-    batch_size: int = 64
-    num_workers: int = 0
+    min_length: int = field(default=30, metadata=bounds(ge=1))
+    max_length: int = field(default=120, metadata=bounds(ge=3))
+    train_examples: int = field(default=20000, metadata=bounds(ge=1))
+    val_examples: int = field(default=1000, metadata=bounds(ge=0))
+    test_examples: int = field(default=1000, metadata=bounds(ge=0))
+    batch_size: int = field(default=64, metadata=bounds(ge=1))
+    num_workers: int = field(default=0, metadata=bounds(ge=0))
     seed: int = 1234
 
 

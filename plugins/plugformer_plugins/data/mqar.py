@@ -8,26 +8,26 @@ only those answers. Token 0 is reserved for padding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from datasets import Dataset, DatasetDict
 
-from plugformer import Capabilities, Component, ConfigError, DataContext
+from plugformer import Capabilities, Component, ConfigError, DataContext, bounds
 from plugformer.data import IGNORE_INDEX, CachedDatasetTask
 
 
 @dataclass
 class MQARConfig:
-    vocab_size: int = 256
-    seq_len: int = 64
-    num_pairs: int = 8
-    train_examples: int = 20000
-    val_examples: int = 1000
+    vocab_size: int = field(default=256, metadata=bounds(ge=4))
+    seq_len: int = field(default=64, metadata=bounds(ge=3))
+    num_pairs: int = field(default=8, metadata=bounds(ge=1))
+    train_examples: int = field(default=20000, metadata=bounds(ge=1))
+    val_examples: int = field(default=1000, metadata=bounds(ge=1))
     random_non_queries: bool = True
-    batch_size: int = 64
-    num_workers: int = 0
+    batch_size: int = field(default=64, metadata=bounds(ge=1))
+    num_workers: int = field(default=0, metadata=bounds(ge=0))
     seed: int = 1234
 
 

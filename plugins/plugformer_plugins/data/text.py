@@ -31,7 +31,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import HfHubHTTPError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from plugformer import Capabilities, Component, ConfigError, DataContext, DataError
+from plugformer import Capabilities, Component, ConfigError, DataContext, DataError, bounds
 from plugformer.data import CachedDatasetTask, parameters_key
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
@@ -51,15 +51,15 @@ class TextConfig:
     validation_files: list[str] = field(default_factory=list)
     # Share of the training lines, taken from the end, used for validation when there are
     # no validation files (or the hub dataset has no "validation" split).
-    validation_fraction: float = 0.1
+    validation_fraction: float = field(default=0.1, metadata=bounds(gt=0.0, lt=1.0))
     hub_name: Optional[str] = None
     hub_config: Optional[str] = None
     text_column: str = "text"
     tokenizer: Tokenization = Tokenization.char
-    bpe_vocab_size: int = 1024
-    block_size: int = 128
-    batch_size: int = 32
-    num_workers: int = 0
+    bpe_vocab_size: int = field(default=1024, metadata=bounds(ge=258))
+    block_size: int = field(default=128, metadata=bounds(ge=1))
+    batch_size: int = field(default=32, metadata=bounds(ge=1))
+    num_workers: int = field(default=0, metadata=bounds(ge=0))
 
 
 # --- tokenizers ---------------------------------------------------------------------------

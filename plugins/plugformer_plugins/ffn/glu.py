@@ -3,13 +3,13 @@ SwiGLU, GEGLU and ReGLU."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from plugformer import BuildContext, Component, ConfigError, FeedForward, mark_residual_projection
+from plugformer import BuildContext, Component, ConfigError, FeedForward, mark_residual_projection, bounds
 
 
 class GateActivation(str, Enum):
@@ -30,8 +30,8 @@ class GLUConfig:
     the two of a 4·d_model MLP. ``bias``: off by default, as in the paper."""
 
     activation: GateActivation = GateActivation.swish
-    hidden: int | None = None
-    multiple_of: int = 64
+    hidden: int | None = field(default=None, metadata=bounds(ge=1))
+    multiple_of: int = field(default=64, metadata=bounds(ge=1))
     bias: bool = False
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from torch import Tensor, nn
 
-from plugformer import BuildContext, Component, FeedForward, mark_residual_projection
+from plugformer import BuildContext, Component, FeedForward, mark_residual_projection, bounds
 
 
 class Activation(str, Enum):
@@ -17,7 +17,7 @@ class Activation(str, Enum):
 
 @dataclass
 class MLPConfig:
-    expansion: float = 4.0
+    expansion: float = field(default=4.0, metadata=bounds(gt=0.0))
     activation: Activation = Activation.gelu
     bias: bool = True
 

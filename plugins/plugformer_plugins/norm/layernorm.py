@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
-from plugformer import BuildContext, Component
+from plugformer import BuildContext, Component, bounds
 
 
 @dataclass
 class LayerNormConfig:
-    eps: float = 1e-5
+    eps: float = field(default=1e-5, metadata=bounds(gt=0.0))
     bias: bool = True
 
 

@@ -3,12 +3,12 @@ Normalization")."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from plugformer import BuildContext, Component
+from plugformer import BuildContext, Component, bounds
 
 
 @dataclass
@@ -16,7 +16,7 @@ class RMSNormConfig:
     """``eps``: added to the mean square; 1e-6 as in T5 and LLaMA. ``scale``: learn the gain g
     (initialized to ones); without it g = 1."""
 
-    eps: float = 1e-6
+    eps: float = field(default=1e-6, metadata=bounds(gt=0.0))
     scale: bool = True
 
 

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from plugformer import BuildContext, Capabilities, Component, Objective, ObjectiveOutput
+from plugformer import BuildContext, Capabilities, Component, Objective, ObjectiveOutput, bounds
 
 IGNORE_INDEX = -100
 
 
 @dataclass
 class CausalLMConfig:
-    label_smoothing: float = 0.0
+    label_smoothing: float = field(default=0.0, metadata=bounds(ge=0.0, lt=1.0))
 
 
 class CausalLM(Objective):

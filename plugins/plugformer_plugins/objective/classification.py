@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from plugformer import BuildContext, Capabilities, Component, ConfigError, Objective, ObjectiveOutput
+from plugformer import BuildContext, Capabilities, Component, ConfigError, Objective, ObjectiveOutput, bounds
 
 
 class Pooling(str, Enum):
@@ -24,7 +24,7 @@ class Pooling(str, Enum):
 class ClassificationConfig:
     pooling: Pooling = Pooling.cls
     # Dropout on the pooled vector, before the head.
-    dropout: float = 0.0
+    dropout: float = field(default=0.0, metadata=bounds(ge=0.0, lt=1.0))
 
 
 def pool(hidden: Tensor, attention_mask: Tensor | None, pooling: Pooling) -> Tensor:

@@ -4,12 +4,12 @@ al. 2017) and learned (as in GPT-2 and BERT)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from plugformer import BuildContext, Capabilities, Component, PositionEncoding
+from plugformer import BuildContext, Capabilities, Component, PositionEncoding, bounds
 
 
 @dataclass
@@ -26,7 +26,7 @@ class NoPosition(PositionEncoding):
 
 @dataclass
 class SinusoidalPositionConfig:
-    base: float = 10000.0
+    base: float = field(default=10000.0, metadata=bounds(gt=1.0))
 
 
 class SinusoidalPosition(PositionEncoding):
@@ -48,7 +48,7 @@ class SinusoidalPosition(PositionEncoding):
 
 @dataclass
 class LearnedPositionConfig:
-    max_length: int = 2048
+    max_length: int = field(default=2048, metadata=bounds(ge=1))
 
 
 class LearnedPosition(PositionEncoding):

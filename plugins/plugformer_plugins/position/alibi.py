@@ -17,19 +17,19 @@ sequence for 2c heads, which fall between the ones already taken.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from plugformer import BuildContext, Capabilities, Component, PositionEncoding
+from plugformer import BuildContext, Capabilities, Component, PositionEncoding, bounds
 
 
 @dataclass
 class AlibiConfig:
     """``max_bias``: the 8 of 2^(−8/n); the slopes run from 2^(−max_bias/n) down to 2^(−max_bias)."""
 
-    max_bias: float = 8.0
+    max_bias: float = field(default=8.0, metadata=bounds(gt=0.0))
 
 
 def alibi_slopes(n_heads: int, max_bias: float = 8.0) -> list[float]:

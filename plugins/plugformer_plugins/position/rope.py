@@ -13,12 +13,12 @@ then d above is the number of rotated dimensions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from plugformer import BuildContext, Capabilities, Component, ConfigError, PositionEncoding
+from plugformer import BuildContext, Capabilities, Component, ConfigError, PositionEncoding, bounds
 
 
 @dataclass
@@ -26,8 +26,8 @@ class RotaryConfig:
     """``base``: the wavelength base of the angles. ``fraction``: the share of each head's
     dimensions that is rotated, in (0, 1]."""
 
-    base: float = 10000.0
-    fraction: float = 1.0
+    base: float = field(default=10000.0, metadata=bounds(gt=1.0))
+    fraction: float = field(default=1.0, metadata=bounds(gt=0.0, le=1.0))
 
 
 class RotaryPosition(PositionEncoding):

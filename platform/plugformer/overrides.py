@@ -1,0 +1,70 @@
+"""Checks of command-line overrides that Hydra would accept silently or report at length.
+
+``experiment`` and ``debug`` are optional groups: before this check, a misspelled
+``experiment=mqar_smal`` trained the default config for minutes. Every ``group=option``
+override (sweeps included) is checked here against the options the group really has, so a
+typo ends with one message that lists the choices.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+from hydra import initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import OverrideParseException
+
+from plugformer.errors import ConfigError
+from plugformer.registry import CONFIG_GROUPS
+
+CONFIG_MODULE = "plugformer.conf"
+COMPONENT_GROUPS = set(CONFIG_GROUPS.values())
+
+
+def _option_names(override: Override) -> list[str]:
+    """The option names an override selects: one, or each value of a choice sweep."""
+    if override.is_delete():
+        return []
+    if override.is_sweep_override():
+        if not override.is_choice_sweep():
+            return []  # range() and glob() sweeps: Hydra expands and checks them
+        return [str(name) for name in override.sweep_string_iterator()]
+    value = override.value()
+    return [value] if isinstance(value, str) else []
+
+
+def check_group_choices(overrides: Iterable[str]) -> None:
+    """Raise :class:`ConfigError` when an override picks an option that its config group
+    does not have (``experiment=nope``, ``debug=fsat``, ``trainer=gpus``,
+    ``model/attention=locl``). Needs the plugins loaded, so their groups are known.
+    Overrides that are not group choices (``model.d_model=64``) are left to Hydra."""
+    # Hydra's flags (-m, --cfg job, ...) and its own settings are not group choices.
+    candidates = [o for o in overrides if "=" in o and not o.startswith(("-", "hydra"))]
+    try:
+        parsed = OverridesParser.create().parse_overrides(candidates)
+    except OverrideParseException:
+        return  # Hydra reports the syntax error itself
+    if not parsed:
+        return
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        for override in parsed:
+            group = override.key_or_group
+            if override.package is not None or "." in group:
+                continue
+            choices = loader.get_group_options(group)
+            if not choices:
+                continue  # a plain key such as seed=1, not a group
+            for name in _option_names(override):
+                if name not in choices and name != "null":
+                    close = difflib.get_close_matches(name, choices, n=1)
+                    raise ConfigError(
+                        f"{group}={name}: there is no {name!r} in the config group {group!r}"
+                        + (f" (did you mean {close[0]!r}?)." if close else "."),
+                        expected=f"one of: {', '.join(choices)}",
+                        fix=f"correct the name, e.g. {group}={(close or choices)[0]}"
+                        + ("; `plugformer plugins` lists every component" if group in COMPONENT_GROUPS else ""),
+                    )

@@ -1,0 +1,92 @@
+"""Every class of bad input ends with one message and exit status 2, before any training:
+unknown experiment/debug/group names, sizes and rates outside their declared bounds (the
+core's and plugins' alike), unusable text files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from helpers import FAST, run_cli
+from plugformer import ConfigError, bounds, check_bounds
+
+
+def assert_one_message(result, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count("plugformer: error:") == 1, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 4, result.stderr
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)
+
+
+# --- the bounds API ----------------------------------------------------------------------------
+
+
+@dataclass
+class WindowConfig:
+    window: int = field(default=64, metadata=bounds(ge=1))
+    dropout: float = field(default=0.0, metadata=bounds(ge=0.0, lt=1.0))
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata=bounds(ge=0.0, lt=1.0))
+    hidden: int | None = field(default=None, metadata=bounds(gt=0))
+    free: int = -5  # no bounds declared: not checked
+
+
+def test_values_in_range_pass() -> None:
+    check_bounds(WindowConfig(), "model.attention")
+    check_bounds(WindowConfig(window=1, dropout=0.5, betas=[0.0, 0.99], hidden=3), "model.attention")
+
+
+def test_every_value_out_of_range_is_named_in_one_message() -> None:
+    with pytest.raises(ConfigError) as caught:
+        check_bounds(WindowConfig(window=0, dropout=float("nan"), betas=[0.9, 1.0], hidden=-1), "model.attention")
+    message = caught.value.message()
+    assert "model.attention.window=0: expected an integer ≥ 1" in message
+    assert "model.attention.dropout=nan: expected a number in [0, 1)" in message
+    assert "model.attention.betas[1]=1.0: expected a number in [0, 1)" in message
+    assert "model.attention.hidden=-1: expected an integer > 0" in message
+    assert "model.attention.window=64 (the default)" in message
+
+
+def test_infinity_is_out_of_any_range() -> None:
+    with pytest.raises(ConfigError, match="dropout=inf"):
+        check_bounds(WindowConfig(dropout=float("inf")), "x")
+
+
+# --- end to end: the real command --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "needles"),
+    [
+        ("experiment=mqar_smal", ["experiment=mqar_smal", "mqar_small", "listops_small", "did you mean 'mqar_small'"]),
+        ("debug=fsat", ["debug=fsat", "fast", "overfit"]),
+        ("trainer=gpus", ["trainer=gpus", "gpu", "cpu"]),
+    ],
+)
+def test_unknown_group_option_lists_the_choices_and_trains_nothing(tmp_path: Path, override: str, needles: list[str]) -> None:
+    result = run_cli("train", override, f"run_dir={tmp_path}", "logger=none")
+    assert_one_message(result, *needles)
+    assert not (tmp_path / "metrics.csv").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_unknown_experiment_in_a_sweep_is_refused_before_any_job(tmp_path: Path) -> None:
+    result = run_cli("train", "-m", "experiment=mqar_small,nope", f"paths.runs_dir={tmp_path}", "logger=none")
+    assert_one_message(result, "experiment=nope", "mqar_small")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needles"),
+    [
+        (["model.d_model=0", "optim.lr=-1"], ["model.d_model=0: expected an integer ≥ 1", "optim.lr=-1.0: expected a number > 0"]),
+        (["model.n_heads=-2", "model.dropout=1.5"], ["model.n_heads=-2", "model.dropout=1.5: expected a number in [0, 1)"]),
+        (["model/attention=local", "model.attention.window=0"], ["model.attention.window=0: expected an integer ≥ 1", "window=64 (the default)"]),
+        (["data.batch_size=0"], ["data.batch_size=0: expected an integer ≥ 1"]),
+    ],
+)
+def test_out_of_range_sizes_and_rates_fail_before_training(tmp_path: Path, overrides: list[str], needles: list[str]) -> None:
+    result = run_cli("train", *FAST, *overrides, f"run_dir={tmp_path}", "logger=none")
+    assert_one_message(result, *needles)
+    assert not (tmp_path / "checkpoints").exists()
