@@ -51,6 +51,10 @@ class DataError(PlugformerError):
     """A data task that cannot build its splits (missing files, no network, bad sizes)."""
 
 
+class NonFiniteError(PlugformerError):
+    """Training produced a NaN or infinite loss or gradient norm (see callbacks.nonfinite)."""
+
+
 def full_tracebacks_requested() -> bool:
     """HYDRA_FULL_ERROR=1 asks for the whole traceback instead of the short message."""
     return os.environ.get("HYDRA_FULL_ERROR") == "1"

@@ -11,9 +11,11 @@ import torch
 
 
 def _scalar(value: Any) -> float | None:
+    """A one-number metric as a float (NaN and inf kept: a diverged metric is recorded as
+    such, never dropped); None for anything else."""
     if isinstance(value, torch.Tensor):
         value = value.detach().float().item() if value.numel() == 1 else None
-    if isinstance(value, (int, float)) and math.isfinite(float(value)):
+    if isinstance(value, (int, float)):
         return float(value)
     return None
 
@@ -71,7 +73,7 @@ class MetricHistory(pl.Callback):
         self.history.append(values)
         current = values.get(self.monitor)
         best = self.best.get(self.monitor)
-        if current is not None and (best is None or (current < best if self.mode == "min" else current > best)):
+        if current is not None and math.isfinite(current) and (best is None or (current < best if self.mode == "min" else current > best)):
             self.best = dict(values)
 
     def state_dict(self) -> dict[str, Any]:
