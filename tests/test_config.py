@@ -17,7 +17,7 @@ def test_defaults_choose_one_component_per_kind(registry) -> None:
     chosen = choose_components(cfg, registry)
     assert {k: c.name for k, c in chosen.items()} == {
         "attention": "full", "position": "learned", "norm": "layernorm",
-        "ffn": "mlp", "objective": "causal_lm", "data": "mqar",
+        "ffn": "mlp", "block": "standard", "objective": "causal_lm", "data": "mqar",
     }
     check_requirements(chosen, registry)
     assert cfg.trainer.accelerator == "cpu" and "wandb" in cfg.logger

@@ -27,8 +27,9 @@ class ProbeConfig:
 class Probe:
     """A technique implementing every run hook, recording the calls."""
 
-    def __init__(self, config: ProbeConfig, cfg) -> None:
+    def __init__(self, config: ProbeConfig, ctx) -> None:
         self.config = config
+        self.ctx = ctx
         self.calls: list[str] = []
 
     @hookimpl
@@ -71,8 +72,8 @@ class ProbePlugin:
 
     @hookimpl
     def register_components(self, registry):
-        def factory(config, cfg):
-            probe = Probe(config, cfg)
+        def factory(config, ctx):
+            probe = Probe(config, ctx)
             ProbePlugin.instances.append(probe)
             return probe
 
@@ -109,17 +110,21 @@ def test_a_run_rejected_by_a_hook_still_writes_its_summary(probe_plugins, tmp_pa
     assert summary["components"]["attention"] == "full"
 
 
-def test_the_loss_includes_the_extra_terms(probe_plugins, tmp_path: Path) -> None:
-    """A constant extra term has no gradient, so two seeded runs differ by exactly its weight."""
-    losses = {}
+def test_the_optimized_loss_includes_the_extra_terms(probe_plugins, tmp_path: Path) -> None:
+    """A constant extra term has no gradient, so two seeded runs have the same objective loss
+    (``val/loss``) and optimized losses (``val/total_loss``) that differ by exactly its weight."""
+    losses, totals = {}, {}
     for weight in (0.0, 0.25):
         run_dir = tmp_path / str(weight)
         cfg = compose_train(
             "+technique=probe", f"techniques.probe.weight={weight}", "logger=none", "trainer.max_steps=3",
             "trainer.val_check_interval=3", f"run_dir={run_dir}", *FAST,
         )
-        losses[weight] = train(cfg, probe_plugins, run_dir, run_id=f"probe{int(weight * 100):04d}")["metrics"]["val/loss"]
-    assert losses[0.25] - losses[0.0] == pytest.approx(0.25, abs=1e-5)
+        metrics = train(cfg, probe_plugins, run_dir, run_id=f"probe{int(weight * 100):04d}")["metrics"]
+        losses[weight], totals[weight] = metrics["val/loss"], metrics["val/total_loss"]
+    assert losses[0.25] == pytest.approx(losses[0.0], abs=1e-6)
+    assert totals[0.0] == pytest.approx(losses[0.0], abs=1e-6)
+    assert totals[0.25] - totals[0.0] == pytest.approx(0.25, abs=1e-5)
 
 
 def test_learning_rate_schedule() -> None:

@@ -1,17 +1,22 @@
 """plugformer: an experiment platform for Transformer variants, composed from plugins.
 
-This module is the public API that plugins build on (built-in and third-party alike).
+This module is the public API that plugins build on (built-in and third-party alike), and
+the Python API beside the CLI: :func:`compose`, :func:`build`, :func:`train`,
+:func:`load_run`.
 """
 
+from plugformer.api import Built, LoadedRun, build, compose, load_run, train
+from plugformer.attention import Attention, AttentionState, KVCache, causal_allowed, repeat_kv
+from plugformer.blocks import Block, BlockParts, LayerState, StepInputs
 from plugformer.bounds import Bounds, bounds, check_bounds
 from plugformer.capabilities import Capabilities
 from plugformer.compatibility import Chosen
 from plugformer.components import (
-    Attention,
     BuildContext,
     DataContext,
     DataTask,
     FeedForward,
+    ModelInputs,
     Objective,
     ObjectiveOutput,
     PositionEncoding,
@@ -27,6 +32,7 @@ from plugformer.errors import (
 )
 from plugformer.hookspecs import hookimpl
 from plugformer.registry import KINDS, Component, Provider, Registry
+from plugformer.techniques import TechniqueContext
 
 __version__ = "0.1.0"
 
@@ -34,7 +40,11 @@ __all__ = [
     "KINDS",
     "Attention",
     "Bounds",
+    "AttentionState",
+    "Block",
+    "BlockParts",
     "BuildContext",
+    "Built",
     "Capabilities",
     "CapabilityError",
     "Chosen",
@@ -44,6 +54,10 @@ __all__ = [
     "DataError",
     "DataTask",
     "FeedForward",
+    "KVCache",
+    "LayerState",
+    "LoadedRun",
+    "ModelInputs",
     "Objective",
     "ObjectiveOutput",
     "PlugformerError",
@@ -51,9 +65,17 @@ __all__ = [
     "PositionEncoding",
     "Provider",
     "Registry",
+    "StepInputs",
+    "TechniqueContext",
     "UnknownComponentError",
     "bounds",
     "check_bounds",
+    "build",
+    "causal_allowed",
+    "compose",
     "hookimpl",
+    "load_run",
     "mark_residual_projection",
+    "repeat_kv",
+    "train",
 ]

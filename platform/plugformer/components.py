@@ -1,30 +1,41 @@
-"""Contracts of the component kinds: the base classes and build contexts plugins build on.
+"""Contracts of the component kinds: build contexts, positions, feed-forward layers,
+objectives and data tasks. Attention lives in :mod:`plugformer.attention`, blocks in
+:mod:`plugformer.blocks`.
 
 Shapes: ``x`` is (batch, length, d_model); inside attention, q/k/v are
 (batch, heads, length, head_dim); ``mask`` is a key padding mask (batch, length), True for
-real tokens; ``positions`` is a LongTensor (length,) of token positions.
+real tokens; ``positions`` is a LongTensor (batch or 1, length) of absolute token positions
+(a leading 1 when every example has the same positions, which keeps biases small).
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+ARCHITECTURES = ("decoder", "encoder", "encoder_decoder")
+
 
 @dataclass(frozen=True)
 class BuildContext:
     """What a model component's factory may read: the model's sizes and its neighbours.
 
-    ``causal`` says whether the model is a decoder; ``position`` is the run's position
-    component (attention factories pass it to :class:`Attention`); ``token_embedding`` is the
-    input embedding (objectives tie their head to it); ``num_classes`` is set for
-    classification tasks.
+    ``causal``: the attention built with this context masks future keys (decoder
+    self-attention). ``cross``: it is a cross-attention (queries from ``x``, keys and values
+    from ``context=``). ``stack`` is "encoder" or "decoder"; ``n_layers`` the number of
+    layers of this stack and ``encoder_layers``/``decoder_layers`` those of the whole model
+    (0 for a missing stack; DeepNorm's gains depend on them). ``position`` is the stack's
+    position component as seen by this layer (:meth:`PositionEncoding.for_layer`);
+    ``token_embedding`` is the input embedding (objectives tie their head to it);
+    ``task`` holds the data task's facts (``num_classes``, ...), which the core passes on
+    without reading them.
     """
 
     d_model: int
@@ -34,14 +45,24 @@ class BuildContext:
     causal: bool
     max_length: int
     vocab_size: int
+    n_kv_heads: int | None = None
     layer_index: int = 0
-    num_classes: int | None = None
+    cross: bool = False
+    stack: str = "decoder"
+    encoder_layers: int = 0
+    decoder_layers: int = 0
+    task: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), compare=False)
     position: PositionEncoding | None = field(default=None, compare=False)
     token_embedding: nn.Embedding | None = field(default=None, compare=False)
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_heads``, or one per query head (multi-head attention)."""
+        return self.n_kv_heads or self.n_heads
 
 
 @dataclass(frozen=True)
@@ -59,90 +80,56 @@ def mark_residual_projection(linear: nn.Linear) -> nn.Linear:
 
 
 class PositionEncoding(nn.Module):
-    """A position component contributes any of three things; the defaults contribute nothing.
+    """A position component contributes any of these; the defaults contribute nothing.
 
     - :meth:`embed`: embeddings added to the token embeddings at the input;
     - :meth:`transform_qk`: a transform of queries and keys inside attention (rotary);
-    - :meth:`score_bias`: an additive bias on attention scores (ALiBi, T5, Shaw).
+    - :meth:`score_bias`: an additive bias on attention scores that depends on positions
+      only (ALiBi, T5 buckets);
+    - :meth:`relative_scores` and :meth:`relative_values`: content-dependent relative terms
+      (Shaw: q·a^K on the scores, Σ α·a^V on the output).
+
+    Position tensors may carry extra dimensions between the batch and the length (a
+    blockwise attention passes (batch, blocks, block) tensors); every method must work for
+    any such shapes. A position that owns parameters per layer returns a per-layer view from
+    :meth:`for_layer`.
     """
 
     def embed(self, positions: Tensor) -> Tensor | None:
-        """(length, d_model) added to the input embeddings, or None."""
+        """(batch or 1, length, d_model) added to the input embeddings, or None."""
         return None
 
     def transform_qk(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """Transformed (q, k), both (batch, heads, length, head_dim)."""
+        """Transformed (q, k), both (batch, heads, length, head_dim), for positions
+        (batch or 1, length)."""
         return q, k
 
     def score_bias(self, q_positions: Tensor, k_positions: Tensor) -> Tensor | None:
-        """Bias (heads, ..., len(q_positions), len(k_positions)) for any two position tensors
-        of shapes (..., Lq) and (..., Lk), or None. Blockwise attention calls it per block, so
-        it must not assume full sequences."""
+        """Bias (batch or 1, heads, ..., Lq, Lk) for position tensors (batch or 1, ..., Lq) and
+        (batch or 1, ..., Lk), or None. Added to the scaled scores before the softmax."""
         return None
 
+    def relative_scores(self, q: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor | None:
+        """A content-dependent score term (batch, heads, ..., Lq, Lk) for queries ``q``
+        (batch, heads, ..., Lq, head_dim), or None. Added to the scaled scores."""
+        return None
 
-class Attention(nn.Module):
-    """Multi-head self-attention with shared q/k/v and output projections.
+    def relative_values(self, weights: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor | None:
+        """A term (batch, heads, ..., Lq, head_dim) added to the attention output, from the
+        attention weights (batch, heads, ..., Lq, Lk), or None."""
+        return None
 
-    Subclasses implement :meth:`attend` on (batch, heads, length, head_dim) tensors; the base
-    applies the position's query/key transform first and offers :meth:`score_bias`.
-    ``forward(x, *, mask, positions)`` returns a tensor of x's shape.
-    """
-
-    def __init__(self, ctx: BuildContext, *, bias: bool = True) -> None:
-        super().__init__()
-        if ctx.d_model % ctx.n_heads:
-            raise ValueError(f"d_model={ctx.d_model} is not divisible by n_heads={ctx.n_heads}")
-        self.n_heads = ctx.n_heads
-        self.head_dim = ctx.head_dim
-        self.causal = ctx.causal
-        self.dropout = ctx.dropout
-        self.qkv = nn.Linear(ctx.d_model, 3 * ctx.d_model, bias=bias)
-        self.out = mark_residual_projection(nn.Linear(ctx.d_model, ctx.d_model, bias=bias))
-        # The position module belongs to the model; keep a reference without re-registering it.
-        self.__dict__["position"] = ctx.position
-
-    def forward(
-        self,
-        x: Tensor,
-        *,
-        mask: Tensor | None = None,
-        positions: Tensor | None = None,
-        context: Tensor | None = None,
-        cache: Any = None,
-    ) -> Tensor:
-        if context is not None or cache is not None:
-            raise NotImplementedError(f"{type(self).__name__} supports neither cross-attention nor a cache")
-        batch, length, d_model = x.shape
-        if positions is None:
-            positions = torch.arange(length, device=x.device)
-        q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.transform_qk(q, k, positions)
-        out = self.attend(q, k, v, key_padding_mask=mask, positions=positions)
-        return self.out(out.transpose(1, 2).reshape(batch, length, d_model))
-
-    def transform_qk(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """The position's query/key transform; an attention may override where it applies it."""
-        return self.position.transform_qk(q, k, positions) if self.position is not None else (q, k)
-
-    def score_bias(self, q_positions: Tensor, k_positions: Tensor) -> Tensor | None:
-        """The position's additive score bias for these positions, or None."""
-        return self.position.score_bias(q_positions, k_positions) if self.position is not None else None
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None, positions: Tensor) -> Tensor:
-        """(batch, heads, length, head_dim) → same shape, honouring ``self.causal`` and the mask."""
-        raise NotImplementedError
-
-    @property
-    def scale(self) -> float:
-        return 1.0 / math.sqrt(self.head_dim)
+    def for_layer(self, index: int) -> PositionEncoding:
+        """The position as seen by layer ``index`` of its stack: itself, unless it owns
+        per-layer parameters (then a submodule of itself, so parameters are registered once)."""
+        return self
 
 
 class FeedForward(nn.Module):
     """A position-wise sublayer (batch, length, d_model) → same shape.
 
     :meth:`aux_losses` reports auxiliary losses of the last forward pass (MoE balance, z-loss),
-    already weighted; the training loop adds them to the objective's loss.
+    already weighted; the training loop adds them to the optimized loss.
     """
 
     def aux_losses(self) -> dict[str, Tensor]:
@@ -159,38 +146,89 @@ class ObjectiveOutput:
     hidden: Tensor | None = None
 
 
-class Objective(nn.Module):
-    """Owns the head and turns the backbone's hidden states into a loss and metrics.
+@dataclass
+class ModelInputs:
+    """What the model receives from a batch; the objective decides (:meth:`Objective.model_inputs`).
 
-    Whether the model is a decoder or an encoder follows from the objective's capabilities
-    (``requires={"attention": {"causal"}}`` or ``{"bidirectional"}``). ``forward(hidden,
-    batch)`` returns an :class:`ObjectiveOutput`; ``batch`` is the data task's collated dict.
-    ``tokens_in(batch)`` counts the tokens a batch contributes to throughput.
+    ``input_ids``/``attention_mask``/``positions`` feed the only stack, or the encoder of an
+    encoder–decoder, whose decoder gets the ``decoder_*`` ones. ``extras`` are further
+    per-token inputs (global-token masks, retrieved neighbours) handed to every attention as
+    ``extras=``. ``reset`` (batch,) bool marks rows whose carried state starts afresh (a new
+    document in a stream).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor | None = None
+    positions: Tensor | None = None
+    decoder_input_ids: Tensor | None = None
+    decoder_attention_mask: Tensor | None = None
+    decoder_positions: Tensor | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
+    reset: Tensor | None = None
+
+
+class Objective(nn.Module):
+    """Owns the head, the batch format and the loss.
+
+    Its capabilities name the architecture it needs: it provides one of "decoder",
+    "encoder", "encoder_decoder" (a v1 objective that provides none is a decoder when it
+    requires "causal" attention, an encoder otherwise). ``forward(hidden, batch)`` returns
+    an :class:`ObjectiveOutput` for the last stack's hidden states; :meth:`model_inputs`
+    says what the model receives; :meth:`tokens_in` and :meth:`examples_in` count a batch.
+    The core reads nothing else from a batch.
     """
 
     def forward(self, hidden: Tensor, batch: dict[str, Tensor]) -> ObjectiveOutput:
         raise NotImplementedError
 
-    @staticmethod
-    def tokens_in(batch: dict[str, Tensor]) -> int:
+    def model_inputs(self, batch: dict[str, Tensor]) -> ModelInputs:
+        """The model's inputs from a batch; by default ``input_ids``, ``attention_mask`` and,
+        from a streaming task, ``reset`` (rows that start a new document)."""
+        return ModelInputs(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), reset=batch.get("reset")
+        )
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Vocabulary logits (batch, length, vocab) from hidden states, for generation.
+        Objectives without a token head leave it unimplemented."""
+        raise NotImplementedError(f"{type(self).__name__} has no token head")
+
+    def tokens_in(self, batch: dict[str, Tensor]) -> int:
+        """Tokens the batch contributes to throughput."""
         mask = batch.get("attention_mask")
         return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+    def examples_in(self, batch: dict[str, Tensor]) -> int:
+        """Examples in the batch (the weight of its metrics in epoch averages)."""
+        return int(batch["input_ids"].shape[0])
 
 
 class DataTask(pl.LightningDataModule):
     """A Lightning data module that also tells the model what it needs to know.
 
     Contract: :meth:`prepare` builds or loads the cached Hugging Face ``datasets`` splits and
-    the tokenizer; after it, ``vocab_size``, ``max_length`` (longest batch length) and, for
-    classification, ``num_classes`` are set, and :meth:`train_dataloader` /
-    :meth:`val_dataloader` yield dicts with ``input_ids`` (batch, length), ``attention_mask``
-    (batch, length, bool) and ``labels``.
+    the tokenizer; after it, ``vocab_size`` and ``max_length`` (longest batch length) are set,
+    and ``facts`` holds what the objective needs to know about the task (``num_classes``
+    for classification); the core passes ``facts`` to model factories as ``ctx.task``
+    without reading it. ``streams`` says that batches are ordered segments: row i of a batch
+    continues row i of the previous one (no shuffling), so a stateful model may carry its
+    state across batches. The loaders yield dicts in the format the objective consumes.
     """
 
     vocab_size: int
     max_length: int
-    num_classes: int | None = None
     pad_id: int = 0
+    streams: bool = False
+
+    @property
+    def facts(self) -> dict[str, Any]:
+        """Task facts for the objective (after :meth:`prepare`); none by default."""
+        return {}
 
     def prepare(self) -> None:
         raise NotImplementedError
+
+
+def default_positions(length: int, device: torch.device | str | None = None) -> Tensor:
+    """Positions 0..length-1 shared by every example: (1, length)."""
+    return torch.arange(length, device=device)[None, :]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from enum import Enum
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -14,33 +14,47 @@ from plugformer.bounds import METADATA_KEY, bounds, check_bounds
 from plugformer.errors import ConfigError
 
 
-class Placement(str, Enum):
-    """Where a block puts its norms: ``pre`` (before each sublayer, plus a final norm),
-    ``post`` (after each residual addition) or ``sandwich`` (before and after each sublayer)."""
-
-    pre = "pre"
-    post = "post"
-    sandwich = "sandwich"
-
-
 @dataclass
-class BlockConfig:
-    placement: Placement = Placement.pre
+class PlanConfig:
+    """Per-layer choices (layer plans). ``attention``, ``ffn``, ``block`` and
+    ``cross_attention`` are repeating patterns of component names over a stack's layers
+    (``[local, local, full]``: two local layers then a full one, repeated); empty means the
+    group's choice (``model/attention=...``) in every layer. ``layers`` overrides single
+    layers by index (``layers: {"0": {ffn: glu}}``; ``"encoder.0"`` for one stack only); a
+    value is a component name or a node with ``name`` and options. ``options`` holds options
+    of components named in a plan by kind and name (``options.attention.local.window=16``);
+    a name that is also the group's choice takes the group's options."""
+
+    attention: list[str] = field(default_factory=list)
+    ffn: list[str] = field(default_factory=list)
+    block: list[str] = field(default_factory=list)
+    cross_attention: list[str] = field(default_factory=list)
+    layers: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class ModelConfig:
+    """Sizes of the model. ``n_layers`` is the number of layers of each stack unless
+    ``encoder_layers``/``decoder_layers`` set them; ``n_kv_heads`` (None: ``n_heads``) gives
+    multi-query (1) or grouped-query attention."""
+
     d_model: int = field(default=128, metadata=bounds(ge=1))
     n_layers: int = field(default=2, metadata=bounds(ge=1))
     n_heads: int = field(default=4, metadata=bounds(ge=1))
+    n_kv_heads: Optional[int] = field(default=None, metadata=bounds(ge=1))
+    encoder_layers: Optional[int] = field(default=None, metadata=bounds(ge=1))
+    decoder_layers: Optional[int] = field(default=None, metadata=bounds(ge=1))
     dropout: float = field(default=0.0, metadata=bounds(ge=0.0, lt=1.0))
     tie_embeddings: bool = True
-    block: BlockConfig = field(default_factory=BlockConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     # The chosen components' configs; composed from the model/<kind> groups.
     attention: Any = None
+    cross_attention: Any = None
     position: Any = None
     norm: Any = None
     ffn: Any = None
+    block: Any = None
 
 
 class Schedule(str, Enum):

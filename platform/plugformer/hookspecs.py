@@ -49,10 +49,12 @@ def model_built(model: Any, cfg: Any) -> None:
 def extra_losses(model: Any, batch: Any, outputs: Any, stage: str) -> dict[str, Any] | None:
     """Named loss terms added to the objective's loss.
 
-    Called on every training and validation step after the forward pass, with
-    ``stage`` "train" or "val" and ``outputs`` the objective's :class:`ObjectiveOutput`.
+    Called on every training, validation and test step after the forward pass, with
+    ``stage`` "train", "val" or "test" and ``outputs`` the objective's :class:`ObjectiveOutput`.
     Returns a dict name → scalar tensor (already weighted), or None. Each term is logged as
-    ``<stage>/loss_<name>`` and added to ``<stage>/loss``.
+    ``<stage>/loss_<name>`` and added to ``<stage>/total_loss``, which is optimized;
+    ``<stage>/loss`` stays the objective's loss. A name another contributor (a plugin or
+    the feed-forward layers' auxiliary losses) also uses is an error naming both.
     """
 
 

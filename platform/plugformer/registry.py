@@ -19,20 +19,24 @@ from hydra.core.config_store import ConfigStore
 from plugformer.capabilities import Capabilities
 from plugformer.errors import PluginError, UnknownComponentError
 
-KINDS = ("attention", "position", "norm", "ffn", "objective", "data", "technique")
+KINDS = ("attention", "position", "norm", "ffn", "block", "objective", "data", "technique")
 
 #: Hydra config group of each kind; the chosen component's config lands at the group's path
 #: with "/" as "." (``model.attention``). Techniques are chosen several at a time and each
-#: lands under ``techniques.<name>``.
+#: lands under ``techniques.<name>``. Attention components are also stored under
+#: :data:`CROSS_ATTENTION_GROUP`, the cross-attention of encoder–decoder models.
 CONFIG_GROUPS = {
     "attention": "model/attention",
     "position": "model/position",
     "norm": "model/norm",
     "ffn": "model/ffn",
+    "block": "model/block",
     "objective": "objective",
     "data": "data",
     "technique": "technique",
 }
+
+CROSS_ATTENTION_GROUP = "model/cross_attention"
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,8 @@ class Component:
 
     ``factory`` builds the component: ``factory(config, context)``, where the context is a
     :class:`plugformer.BuildContext` for model parts, a :class:`plugformer.DataContext` for
-    data tasks and the run's config for techniques. ``config`` is a dataclass whose fields
+    data tasks and a :class:`plugformer.TechniqueContext` for techniques; a block's factory
+    also receives its built sublayers, ``factory(config, context, parts)``. ``config`` is a dataclass whose fields
     are the component's options (all with defaults). ``capabilities`` is a
     :class:`Capabilities` or a function of the config returning one (for a maximum length
     that depends on an option).
@@ -147,9 +152,10 @@ class Registry:
             )
         self._components[component.kind][component.name] = component
         package = f"techniques.{component.name}" if component.kind == "technique" else None
-        self._config_store.store(
-            group=component.group, name=component.name, node=config_node(component), package=package
-        )
+        node = config_node(component)
+        self._config_store.store(group=component.group, name=component.name, node=node, package=package)
+        if component.kind == "attention":
+            self._config_store.store(group=CROSS_ATTENTION_GROUP, name=component.name, node=node)
         return component
 
     def get(self, kind: str, name: str) -> Component:

@@ -1,52 +1,126 @@
-"""The LightningModule: generic over the objective; adds the losses plugins contribute."""
+"""The LightningModule: generic over the objective; adds the losses plugins contribute,
+carries a stateful model's state across the batches of a stream, and keeps techniques'
+frozen modules beside the model."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import pluggy
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from plugformer.components import ObjectiveOutput
 from plugformer.config import OptimConfig
-from plugformer.model.transformer import Transformer
+from plugformer.errors import PluginError
+from plugformer.plugins import call_hook
+from plugformer.model.transformer import ModelState, Transformer
 from plugformer.training.optim import build_optimizer
 
 
-class TrainingModule(pl.LightningModule):
-    """Trains a :class:`Transformer`. Logs ``<stage>/loss``, ``<stage>/<metric>`` for the
-    objective's metrics, ``<stage>/loss_<name>`` for auxiliary and plugin losses, and
-    ``train/lr``. The loss is the objective's loss plus every auxiliary term."""
+class LossTerms:
+    """Named loss terms with who contributed each; a name given by two contributors is an
+    error naming both (terms of one contributor with one name, such as every MoE layer's
+    balance loss, add up)."""
 
-    def __init__(self, model: Transformer, optim: OptimConfig, hooks: pluggy.PluginManager) -> None:
+    def __init__(self) -> None:
+        self.values: dict[str, Tensor] = {}
+        self.contributors: dict[str, str] = {}
+
+    def add(self, name: str, value: Tensor, contributor: str) -> None:
+        owner = self.contributors.setdefault(name, contributor)
+        if owner != contributor:
+            raise PluginError(
+                f"Two contributors add a loss term named {name!r}: {owner} and {contributor}.",
+                expected="unique loss term names (they are logged as <stage>/loss_<name>)",
+                fix=f"rename the term in one of them, or disable one with PLUGFORMER_DISABLE_PLUGINS=<plugin>",
+            )
+        self.values[name] = self.values[name] + value if name in self.values else value
+
+    def total(self, loss: Tensor) -> Tensor:
+        return loss + sum(self.values.values(), torch.zeros((), device=loss.device))
+
+
+class TrainingModule(pl.LightningModule):
+    """Trains a :class:`Transformer`. Logs ``<stage>/loss`` (the objective's loss, comparable
+    across runs), ``<stage>/total_loss`` (what is optimized: the loss plus every extra term),
+    ``<stage>/loss_<name>`` for each auxiliary and plugin term, ``<stage>/<metric>`` for the
+    objective's metrics, and ``train/lr``.
+
+    With ``carry_state`` (a data task that streams ordered segments), each stage keeps the
+    model's streaming state from one batch to the next, detached after every step and
+    started afresh at every epoch. ``frozen`` modules (techniques' teachers) follow the
+    model's device but are neither trained nor saved.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        optim: OptimConfig,
+        hooks: pluggy.PluginManager,
+        *,
+        carry_state: bool = False,
+        frozen: Mapping[str, nn.Module] | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.optim = optim
         self.hooks = hooks
+        self.carry_state = carry_state
+        self._states: dict[str, ModelState | None] = {}
+        # A plain dict, so these modules are not submodules: out of state_dict and parameters().
+        self.frozen: dict[str, nn.Module] = dict(frozen or {})
 
     def forward(self, batch: dict[str, Tensor]) -> ObjectiveOutput:
         return self.model(batch)
 
-    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        outputs = self.model(batch)
-        terms: dict[str, Tensor] = {}
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> TrainingModule:
+        super()._apply(fn, *args, **kwargs)
+        for module in self.frozen.values():
+            module._apply(fn)
+        return self
+
+    def _state_for(self, stage: str, batch: dict[str, Tensor]) -> ModelState | None:
+        if not self.carry_state:
+            return None
+        examples = self.model.objective.examples_in(batch)
+        state = self._states.get(stage)
+        if state is None or state.batch_size != examples:
+            state = self._states[stage] = self.model.new_state(examples, streaming=True)
+        return None if state.empty else state
+
+    def _loss_terms(self, batch: dict[str, Tensor], outputs: ObjectiveOutput, stage: str) -> LossTerms:
+        terms = LossTerms()
         for ffn in self.model.feed_forward_layers():
             for name, value in ffn.aux_losses().items():
-                terms[name] = terms.get(name, 0.0) + value
-        for contributed in self.hooks.hook.extra_losses(model=self.model, batch=batch, outputs=outputs, stage=stage):
-            terms.update(contributed or {})
-        loss = outputs.loss + sum(terms.values(), torch.zeros((), device=outputs.loss.device))
-        batch_size = batch["input_ids"].shape[0]
+                terms.add(name, value, f"the feed-forward layers ({type(ffn).__name__})")
+        contributions = call_hook(
+            self.hooks, "extra_losses", expect=dict, items=Tensor, model=self.model, batch=batch, outputs=outputs, stage=stage
+        )
+        for plugin_name, contributed in contributions:
+            for name, value in contributed.items():
+                terms.add(name, value, f"plugin {plugin_name!r}")
+        return terms
+
+    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        state = self._state_for(stage, batch)
+        outputs = self.model(batch, state=state)
+        if state is not None:
+            state.detach()
+        terms = self._loss_terms(batch, outputs, stage)
+        total = terms.total(outputs.loss)
         on_step = stage == "train"
+        batch_size = self.model.objective.examples_in(batch)
         log: dict[str, Any] = dict(on_step=on_step, on_epoch=not on_step, sync_dist=not on_step, batch_size=batch_size)
-        self.log(f"{stage}/loss", loss, prog_bar=True, **log)
-        for name, value in terms.items():
+        self.log(f"{stage}/loss", outputs.loss, prog_bar=True, **log)
+        self.log(f"{stage}/total_loss", total, **log)
+        for name, value in terms.values.items():
             self.log(f"{stage}/loss_{name}", value, **log)
         for name, value in outputs.metrics.items():
             self.log(f"{stage}/{name}", value, prog_bar=name == "accuracy" and stage == "val", **log)
-        return loss
+        return total
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self._step(batch, "train")
@@ -58,6 +132,15 @@ class TrainingModule(pl.LightningModule):
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
+
+    def on_train_epoch_start(self) -> None:
+        self._states.pop("train", None)
+
+    def on_validation_epoch_start(self) -> None:
+        self._states.pop("val", None)
+
+    def on_test_epoch_start(self) -> None:
+        self._states.pop("test", None)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer, scheduler = build_optimizer(self.model, self.optim, int(self.trainer.estimated_stepping_batches))

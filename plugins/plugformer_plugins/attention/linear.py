@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from plugformer import Attention, BuildContext, Capabilities, Component, ConfigError, bounds
+from plugformer import Attention, AttentionState, BuildContext, Capabilities, Component, ConfigError, bounds
 
 
 @dataclass
@@ -40,6 +40,38 @@ def _exclusive_cumsum(x: Tensor) -> Tensor:
     """Sum over the earlier chunks (dim 2), zero for the first; shifted rather than
     cumsum − x, which would cancel catastrophically on long sequences."""
     return torch.cat([torch.zeros_like(x[:, :, :1]), torch.cumsum(x[:, :, :-1], dim=2)], dim=2)
+
+
+@dataclass
+class RecurrentState(AttentionState):
+    """The running sums of causal linear attention over the tokens seen so far:
+    S = Σ φ(k_j)v_jᵀ (rotated features when a position rotates) and z = Σ φ(k_j)."""
+
+    sums: Tensor | None = None  # (batch, heads, head_dim, head_dim), float32
+    normalizer: Tensor | None = None  # (batch, heads, head_dim), float32
+
+    def add_to(self, numerator: Tensor, denominator: Tensor, rotated_q: Tensor, phi_q: Tensor) -> tuple[Tensor, Tensor]:
+        if self.sums is None:
+            return numerator, denominator
+        return numerator + rotated_q @ self.sums, denominator + (phi_q @ self.normalizer.unsqueeze(-1)).squeeze(-1)
+
+    def update(self, rotated_k: Tensor, phi_k: Tensor, values: Tensor) -> None:
+        sums, normalizer = rotated_k.transpose(-1, -2) @ values, phi_k.sum(dim=-2)
+        self.sums = sums if self.sums is None else self.sums + sums
+        self.normalizer = normalizer if self.normalizer is None else self.normalizer + normalizer
+
+    def reorder(self, index: Tensor) -> None:
+        if self.sums is not None:
+            self.sums, self.normalizer = self.sums[index], self.normalizer[index]
+
+    def detach(self) -> None:
+        if self.sums is not None:
+            self.sums, self.normalizer = self.sums.detach(), self.normalizer.detach()
+
+    def reset(self, rows: Tensor) -> None:
+        if self.sums is not None:
+            keep = (~rows).to(self.sums.dtype)
+            self.sums, self.normalizer = self.sums * keep[:, None, None, None], self.normalizer * keep[:, None, None]
 
 
 class LinearAttention(Attention):
@@ -65,13 +97,31 @@ class LinearAttention(Attention):
     def transform_qk(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         return q, k  # applied to the features inside attend()
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None, positions: Tensor) -> Tensor:
+    def new_state(self, batch_size: int, *, streaming: bool = False) -> AttentionState | None:
+        """Decoding keeps the O(1) recurrent state (S, z), not the keys."""
+        return None if streaming or self.cross else RecurrentState()
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_padding_mask: Tensor | None,
+        q_positions: Tensor,
+        k_positions: Tensor,
+        state: AttentionState | None = None,
+    ) -> Tensor:
         phi_q, phi_k, values = feature_map(q), feature_map(k), v.float()
         if key_padding_mask is not None:
             phi_k = phi_k * key_padding_mask[:, None, :, None].to(phi_k.dtype)
-        rotated_q, rotated_k = super().transform_qk(phi_q, phi_k, positions)
+        rotated_q, _ = super().transform_qk(phi_q, phi_q, q_positions)
+        _, rotated_k = super().transform_qk(phi_k, phi_k, k_positions)
         if self.causal:
             numerator, denominator = self._causal_sums(rotated_q, rotated_k, phi_q, phi_k, values)
+            if isinstance(state, RecurrentState):
+                numerator, denominator = state.add_to(numerator, denominator, rotated_q, phi_q)
+                state.update(rotated_k, phi_k, values)
         else:
             numerator = torch.matmul(rotated_q, torch.einsum("bhnd,bhne->bhde", rotated_k, values))
             denominator = torch.matmul(phi_q, phi_k.sum(dim=-2).unsqueeze(-1)).squeeze(-1)
@@ -113,7 +163,7 @@ COMPONENT = Component(
     summary="Linear attention with φ(x) = elu(x)+1; causal prefix sums computed chunkwise in O(n).",
     reference="Katharopoulos et al. 2020, Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention",
     capabilities=Capabilities(
-        provides={"causal", "bidirectional", "key_padding_mask", "qk_transform"},
+        provides={"causal", "bidirectional", "key_padding_mask", "qk_transform", "cross_attention", "incremental_decoding"},
         cost="linear",
     ),
 )

@@ -21,10 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from plugformer import Attention, BuildContext, Capabilities, Component, ConfigError, bounds
+from plugformer import Attention, AttentionState, BuildContext, Capabilities, Component, ConfigError, bounds
 
 
 @dataclass
@@ -78,7 +77,24 @@ class SlidingWindowAttention(Attention):
         self.window = config.window
         self.dilation = config.dilation
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None, positions: Tensor) -> Tensor:
+    @property
+    def cache_limit(self) -> int:  # type: ignore[override]
+        """A causal query sees at most (window − 1)·dilation earlier keys: the cache keeps those."""
+        return (self.window - 1) * self.dilation
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_padding_mask: Tensor | None,
+        q_positions: Tensor,
+        k_positions: Tensor,
+        state: AttentionState | None = None,
+    ) -> Tensor:
+        if q.shape[-2] != k.shape[-2]:
+            return self._attend_cached(q, k, v, key_padding_mask, q_positions, k_positions)
         length = q.shape[-2]
         d = self.dilation
         if key_padding_mask is None:
@@ -87,12 +103,29 @@ class SlidingWindowAttention(Attention):
             valid = key_padding_mask.bool()
         q, k, v = (_split_residues(t, -2, d, 0.0) for t in (q, k, v))  # (batch, heads, d, m, head_dim)
         out = self._attend_windows(
-            q, k, v, valid=_split_residues(valid, -1, d, False), positions=_split_residues(positions, -1, d, 0)
+            q, k, v, valid=_split_residues(valid, -1, d, False), positions=_split_residues(q_positions, -1, d, 0)
         )
         return out.transpose(-3, -2).flatten(-3, -2)[..., :length, :]
 
+    def _attend_cached(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, q_positions: Tensor, k_positions: Tensor
+    ) -> Tensor:
+        """Queries that are the last Lq of Lk keys (decoding with a cache holding at most the
+        window): the band by index distance, formed explicitly over those few keys."""
+        q_length, k_length = q.shape[-2], k.shape[-2]
+        distance = (
+            torch.arange(q_length, device=q.device)[:, None] + (k_length - q_length) - torch.arange(k_length, device=q.device)[None, :]
+        )
+        band = (distance >= 0) & (distance <= (self.window - 1) * self.dilation) & (distance % self.dilation == 0)
+        if not self.causal:
+            raise ValueError("bidirectional local attention cannot decode incrementally: later keys are not known yet")
+        allowed = band[None, None]
+        if key_padding_mask is not None:
+            allowed = allowed & key_padding_mask[:, None, None, :].bool()
+        return self.explicit_attend(q, k, v, allowed, q_positions, k_positions)
+
     def _attend_windows(self, q: Tensor, k: Tensor, v: Tensor, *, valid: Tensor, positions: Tensor) -> Tensor:
-        """Undilated window attention; q/k/v (..., m, head_dim), valid (batch, R, m), positions (R, m)."""
+        """Undilated window attention; q/k/v (..., m, head_dim), valid (batch, R, m), positions (batch or 1, R, m)."""
         m = q.shape[-2]
         block = min(self.window, m)
         n_blocks = -(-m // block)
@@ -105,7 +138,7 @@ class SlidingWindowAttention(Attention):
             return _pad(x, dim, block, tail + ahead, fill).unfold(dim, span, block)
 
         q_blocks = _pad(q, -2, 0, tail, 0.0).unflatten(-2, (n_blocks, block))  # (..., nb, block, hd)
-        k_windows = windows(k, -2, 0.0)  # (..., nb, hd, span)
+        k_windows = windows(k, -2, 0.0).transpose(-1, -2)  # (..., nb, span, hd)
         v_windows = windows(v, -2, 0.0).transpose(-1, -2)  # (..., nb, span, hd)
         key_valid = windows(valid, -1, False)  # (batch, R, nb, span)
 
@@ -115,21 +148,8 @@ class SlidingWindowAttention(Attention):
         )
         band = (offset >= 0) & (offset < self.window) if self.causal else offset.abs() < self.window
         allowed = band & key_valid[:, None, :, :, None, :]  # (batch, 1, R, nb, block, span)
-
-        # In-place steps below act on fresh tensors no backward needs, saving (n × span) copies.
-        scores = torch.matmul(q_blocks * self.scale, k_windows).float()
-        bias = self.score_bias(
-            _pad(positions, -1, 0, tail, 0).unflatten(-1, (n_blocks, block)), windows(positions, -1, 0)
-        )
-        if bias is not None:
-            scores.add_(bias)
-        # A finite fill gives masked keys exactly zero weight, and rows without any visible key
-        # a uniform (not NaN) weight; those rows are zeroed at the output.
-        scores.masked_fill_(~allowed, torch.finfo(scores.dtype).min)
-        weights = torch.softmax(scores, dim=-1).to(v.dtype)
-        if self.training and self.dropout > 0:
-            weights = F.dropout(weights, p=self.dropout)
-        out = torch.matmul(weights, v_windows).masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
+        q_positions = _pad(positions, -1, 0, tail, 0).unflatten(-1, (n_blocks, block))
+        out = self.explicit_attend(q_blocks, k_windows, v_windows, allowed, q_positions, windows(positions, -1, 0))
         return out.flatten(-3, -2)[..., :m, :]
 
 
@@ -141,7 +161,7 @@ COMPONENT = Component(
     summary="Sliding-window softmax attention (optionally dilated), computed blockwise in O(n·w).",
     reference="Beltagy et al. 2020, Longformer: The Long-Document Transformer",
     capabilities=Capabilities(
-        provides={"causal", "bidirectional", "key_padding_mask", "score_bias", "qk_transform"},
+        provides={"causal", "bidirectional", "key_padding_mask", "score_bias", "qk_transform", "relative_terms", "incremental_decoding"},
         cost="n·w",
     ),
 )

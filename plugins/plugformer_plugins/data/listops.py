@@ -218,8 +218,11 @@ class ListOpsTask(CachedDatasetTask):
 
     def describe(self, splits: DatasetDict) -> None:
         self.vocab_size = len(VOCAB)
-        self.num_classes = NUM_CLASSES
         self.max_length = self.config.max_length  # at most max_length - 1 tokens, plus CLS
+
+    @property
+    def facts(self) -> dict[str, Any]:
+        return {"num_classes": NUM_CLASSES}
 
 
 def check_config(config: ListOpsConfig) -> None:

@@ -29,6 +29,9 @@ class CausalLM(Objective):
         if ctx.token_embedding is not None:
             self.head.weight = ctx.token_embedding.weight
 
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.head(hidden)
+
     def forward(self, hidden: Tensor, batch: dict[str, Tensor]) -> ObjectiveOutput:
         logits = self.head(hidden)
         labels = batch["labels"]
@@ -53,5 +56,5 @@ COMPONENT = Component(
     config=CausalLMConfig,
     summary="Next-token cross-entropy with a decoder; perplexity and token accuracy.",
     reference="Radford et al. 2018, Improving Language Understanding by Generative Pre-Training",
-    capabilities=Capabilities(provides={"causal_lm"}, requires={"attention": {"causal"}}),
+    capabilities=Capabilities(provides={"causal_lm", "decoder"}, requires={"attention": {"causal"}}),
 )

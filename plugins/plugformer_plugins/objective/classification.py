@@ -40,11 +40,12 @@ def pool(hidden: Tensor, attention_mask: Tensor | None, pooling: Pooling) -> Ten
 class Classification(Objective):
     """Cross-entropy of ``labels`` (batch,) against a linear head on the pooled hidden
     states. Metric: accuracy. The encoder (bidirectional attention) follows from the
-    capabilities; ``ctx.num_classes`` comes from the data task."""
+    capabilities; ``num_classes`` comes from the data task's facts (``ctx.task``)."""
 
     def __init__(self, config: ClassificationConfig, ctx: BuildContext) -> None:
         super().__init__()
-        if ctx.num_classes is None:
+        num_classes = ctx.task.get("num_classes")
+        if num_classes is None:
             raise ConfigError(
                 "The classification objective needs the number of classes, but the data task did not set it.",
                 expected="a classification data task (one that sets num_classes), such as data=listops",
@@ -52,7 +53,7 @@ class Classification(Objective):
             )
         self.pooling = Pooling(config.pooling)
         self.drop = nn.Dropout(config.dropout)
-        self.head = nn.Linear(ctx.d_model, ctx.num_classes)
+        self.head = nn.Linear(ctx.d_model, num_classes)
 
     def forward(self, hidden: Tensor, batch: dict[str, Tensor]) -> ObjectiveOutput:
         pooled = pool(hidden, batch.get("attention_mask"), self.pooling)
@@ -71,6 +72,6 @@ COMPONENT = Component(
     summary="Sequence classification with an encoder: CLS or mean pooling, linear head, accuracy.",
     reference="Devlin et al. 2019, BERT: Pre-training of Deep Bidirectional Transformers for Language Understanding",
     capabilities=Capabilities(
-        provides={"classification"}, requires={"attention": {"bidirectional", "key_padding_mask"}}
+        provides={"classification", "encoder"}, requires={"attention": {"bidirectional", "key_padding_mask"}}
     ),
 )

@@ -39,10 +39,10 @@ class SinusoidalPosition(PositionEncoding):
         self.d_model = ctx.d_model
 
     def embed(self, positions: Tensor) -> Tensor:
-        angles = positions.float()[:, None] * self.inv_freq[None, :]
-        table = torch.zeros(positions.shape[0], self.d_model, device=positions.device)
-        table[:, 0::2] = torch.sin(angles)
-        table[:, 1::2] = torch.cos(angles[:, : self.d_model // 2])
+        angles = positions.float()[..., None] * self.inv_freq
+        table = torch.zeros(*positions.shape, self.d_model, device=positions.device)
+        table[..., 0::2] = torch.sin(angles)
+        table[..., 1::2] = torch.cos(angles[..., : self.d_model // 2])
         return table
 
 

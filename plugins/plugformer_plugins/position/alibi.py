@@ -47,8 +47,8 @@ def alibi_slopes(n_heads: int, max_bias: float = 8.0) -> list[float]:
 
 class AlibiPosition(PositionEncoding):
     """Contract: ``score_bias(q_positions, k_positions)`` takes position tensors of shapes
-    (..., Lq) and (..., Lk) whose leading dimensions broadcast, and returns the bias
-    (heads, ..., Lq, Lk) in float32 (float64 in a float64 model). It never assumes the
+    (batch or 1, ..., Lq) and (batch or 1, ..., Lk) whose leading dimensions broadcast, and
+    returns the bias (batch or 1, heads, ..., Lq, Lk) in float32 (float64 in a float64 model). It never assumes the
     positions are a whole sequence, so blockwise attentions call it per block. No input
     embedding, no query/key transform."""
 
@@ -65,8 +65,8 @@ class AlibiPosition(PositionEncoding):
             distance = distance.abs()
         # At least float32 even in a bf16 model: bf16 holds integer distances exactly only up to 256.
         dtype = torch.promote_types(self.slopes.dtype, torch.float32)
-        slopes = self.slopes.to(dtype).view(-1, *([1] * distance.dim()))
-        return -slopes * distance.to(dtype)
+        slopes = self.slopes.to(dtype).view(-1, *([1] * (distance.dim() - 1)))
+        return -slopes * distance.to(dtype).unsqueeze(1)
 
 
 COMPONENT = Component(

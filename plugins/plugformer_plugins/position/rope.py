@@ -32,7 +32,7 @@ class RotaryConfig:
 
 class RotaryPosition(PositionEncoding):
     """Contract: ``transform_qk(q, k, positions)`` takes q and k of shape
-    (batch, heads, length, head_dim) and positions (length,) and returns the rotated q and k,
+    (batch, heads, length, head_dim) and positions (batch or 1, length) and returns the rotated q and k,
     same shapes and dtypes. It contributes no input embedding and no score bias."""
 
     def __init__(self, config: RotaryConfig, ctx: BuildContext) -> None:
@@ -55,14 +55,14 @@ class RotaryPosition(PositionEncoding):
         self.base = config.base
 
     def _cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos and sin of i·θ_k, each (length, rotary_dim / 2), in ``dtype``.
+        """cos and sin of i·θ_k, each (batch or 1, 1, length, rotary_dim / 2), in ``dtype``.
 
         Recomputed on every call rather than cached: length × rotary_dim/2 values cost little
         next to attention, cannot go stale, and (unlike a buffer) are not cast to bf16 along
         with the model's weights."""
         exponents = torch.arange(0, self.rotary_dim, 2, device=positions.device, dtype=dtype) / self.rotary_dim
         inv_freq = self.base**-exponents
-        angles = positions.to(dtype)[:, None] * inv_freq[None, :]
+        angles = positions.to(dtype)[:, None, :, None] * inv_freq
         return angles.cos(), angles.sin()
 
     def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
