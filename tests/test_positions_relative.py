@@ -1,6 +1,7 @@
 """The relative positions shaw (Shaw et al. 2018) and t5 (Raffel et al. 2020): T5's buckets
 by hand, which parameters a model holds, Shaw against a direct implementation of the
-paper's equations, blockwise (local) equal to full attention, refusals and the kit."""
+paper's equations, blockwise (local) equal to full attention, cached decoding equal to one
+forward, refusals and the kit."""
 
 from __future__ import annotations
 
@@ -170,6 +171,25 @@ def test_local_attention_covering_the_sequence_equals_full(name: str, causal: bo
     x, mask = inputs(length)
     with torch.no_grad():
         torch.testing.assert_close(local(x, mask=mask), full(x, mask=mask), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("attention", ["full", "local"])
+@pytest.mark.parametrize("name", ["shaw", "t5"])
+def test_decoding_with_a_cache_equals_one_forward(name: str, attention: str) -> None:
+    if name == "shaw":
+        position = shaw().for_layer(0)
+    else:
+        position = T5RelativeBias(T5BiasConfig(num_buckets=8, max_distance=6), context(causal=True)).double()
+    ctx = context(causal=True, position=position)
+    torch.manual_seed(0)
+    layer = FullAttention(FullAttentionConfig(), ctx) if attention == "full" else SlidingWindowAttention(LocalAttentionConfig(window=3), ctx)
+    layer = layer.double().eval()
+    x, _ = inputs()
+    with torch.no_grad():
+        whole = layer(x)
+        state = layer.new_state(x.shape[0])
+        steps = [layer(x[:, t : t + 1], positions=torch.tensor([[t]]), state=state) for t in range(x.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), whole, rtol=1e-9, atol=1e-9)
 
 
 def test_shaw_values_never_depend_on_clipped_distance_beyond_k() -> None:
