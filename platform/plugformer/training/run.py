@@ -18,9 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from plugformer.compatibility import Chosen, check_requirements
 from plugformer.components import DataContext
 from plugformer.config import optim_config
-from plugformer.errors import ConfigError
+from plugformer.errors import ConfigError, PluginError
 from plugformer.model.builder import build_model, choose_components, chosen_techniques
-from plugformer.plugins import Plugins
+from plugformer.plugins import Plugins, blame_component, call_hook
 from plugformer.training.callbacks import MetricHistory, ThroughputMonitor, final_metrics
 from plugformer.training.checkpointing import AtomicCheckpointIO, write_json_atomically
 from plugformer.training.module import TrainingModule
@@ -45,6 +45,7 @@ class RunState:
     history: MetricHistory | None = None
     throughput: ThroughputMonitor | None = None
     loggers: list[Any] = field(default_factory=list)
+    hook_failure: Exception | None = None  # a run_summary hook that failed
 
 
 def component_tags(chosen: dict[str, Chosen], techniques: dict[str, Chosen]) -> list[str]:
@@ -89,8 +90,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, hooks: Any) -> tuple[list[Ca
         from lightning.pytorch.callbacks import EarlyStopping
 
         callbacks.append(EarlyStopping(**OmegaConf.to_container(options.early_stopping, resolve=True)))
-    for contributed in hooks.hook.lightning_callbacks(cfg=cfg):
-        callbacks.extend(contributed or [])
+    for _, contributed in call_hook(hooks, "lightning_callbacks", expect=list, items=Callback, cfg=cfg):
+        callbacks.extend(contributed)
     return callbacks, history, throughput
 
 
@@ -122,10 +123,19 @@ def train(cfg: DictConfig, plugins: Plugins, run_dir: Path, *, run_id: str, ckpt
         _train(state, plugins, ckpt_path)
         status = "finished"
     except BaseException as failure:
-        error = f"{type(failure).__name__}: {failure}"
+        named = blame_component(failure, plugins.registry)  # a component's code raised: name its plugin
+        error = f"{type(named or failure).__name__}: {named or failure}"
+        if named is not None:
+            raise named from failure
         raise
     finally:
-        summary = _finish(state, plugins, status, error)
+        try:
+            summary = _finish(state, plugins, status, error)
+        except Exception as late:
+            if error is None:
+                raise
+            # The run's own failure is on its way out; a later one must not replace it.
+            print(f"plugformer: also, recording the failed run failed: {type(late).__name__}: {late}", file=sys.stderr)
     return summary
 
 
@@ -149,8 +159,8 @@ def _train(state: RunState, plugins: Plugins, ckpt_path: str | None) -> None:
     state.module = TrainingModule(model, optim_config(cfg), hooks)
 
     tags = component_tags(chosen, techniques) + list(cfg.get("tags") or [])
-    for contributed in hooks.hook.tracking_tags(cfg=cfg):
-        tags.extend(contributed or [])
+    for _, contributed in call_hook(hooks, "tracking_tags", expect=list, items=str, cfg=cfg):
+        tags.extend(contributed)
     state.loggers = build_loggers(cfg, run_dir, tags=tags, job_type=chosen["objective"].name, run_id=state.run_id)
     callbacks, state.history, state.throughput = build_callbacks(cfg, run_dir, hooks)
     state.trainer = build_trainer(cfg, run_dir, state.loggers, callbacks)
@@ -170,7 +180,9 @@ def _finish(state: RunState, plugins: Plugins, status: str, error: str | None) -
         if type(logger).__name__ == "WandbLogger":
             experiment = logger.experiment
             experiment.summary.update(_flat_summary(summary))
-            experiment.finish(exit_code=0 if status == "finished" else 1)
+            experiment.finish(exit_code=0 if summary["status"] == "finished" else 1)
+    if state.hook_failure is not None and status == "finished":
+        raise state.hook_failure  # a run_summary hook failed a run that had finished
     return summary
 
 
@@ -180,8 +192,13 @@ def build_summary(state: RunState, plugins: Plugins, status: str, error: str | N
     best = state.history.best if state.history is not None else {}
     extra: dict[str, Any] = {}
     if trainer is not None and state.module is not None and rank_zero_only.rank == 0:
-        for contributed in state.module.hooks.hook.run_summary(trainer=trainer, module=state.module):
-            extra.update(contributed or {})
+        try:
+            for _, contributed in call_hook(state.module.hooks, "run_summary", expect=dict, trainer=trainer, module=state.module):
+                extra.update(contributed)
+        except PluginError as hook_failure:  # the summary is still written; see _finish
+            state.hook_failure = hook_failure
+            status, error = ("failed", error or f"PluginError: {hook_failure}")
+            extra["run_summary_error"] = str(hook_failure)
     wandb_dir = wandb_run_dir(state.loggers) if rank_zero_only.rank == 0 else None
     summary: dict[str, Any] = {
         "status": status,
