@@ -10,12 +10,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from conftest import small_context
-from plugformer import PositionEncoding
+from plugformer import KVCache, PositionEncoding
+from plugformer.testing import check_component
 from plugformer_plugins.attention import full, linear, local
 
 
 class AlibiLikeBias(PositionEncoding):
-    """−slope_h · |i − j| for any position shapes (..., Lq), (..., Lk): (heads, ..., Lq, Lk)."""
+    """−slope_h · |i − j| for position shapes (batch or 1, ..., Lq), (batch or 1, ..., Lk):
+    (batch or 1, heads, ..., Lq, Lk)."""
 
     def __init__(self, heads: int) -> None:
         super().__init__()
@@ -23,7 +25,7 @@ class AlibiLikeBias(PositionEncoding):
 
     def score_bias(self, q_positions: Tensor, k_positions: Tensor) -> Tensor:
         distance = (q_positions[..., :, None] - k_positions[..., None, :]).abs().float()
-        return -self.slopes.view(-1, *[1] * distance.dim()) * distance
+        return -self.slopes.view(-1, *[1] * (distance.dim() - 1)) * distance.unsqueeze(1)
 
 
 def padding_mask(batch: int, length: int) -> Tensor:
@@ -91,8 +93,8 @@ def test_local_matches_an_explicit_band_mask(causal, window, dilation, length):
     ).eval()
     q, k, v = torch.randn(3, 2, 4, length, 8).unbind(0)
     mask = padding_mask(2, length)
-    positions = torch.arange(length) + 7  # bias must follow positions, masks follow indices
-    got = attention.attend(q, k, v, key_padding_mask=mask, positions=positions)
+    positions = torch.arange(length)[None, :] + 7  # bias must follow positions, masks follow indices
+    got = attention.attend(q, k, v, key_padding_mask=mask, q_positions=positions, k_positions=positions)
     expected = naive_local(
         q, k, v, window=window, dilation=dilation, causal=causal, mask=mask, positions=positions, bias_module=bias
     )
@@ -129,7 +131,8 @@ def test_linear_causal_chunks_match_the_quadratic_form(length, chunk_size, padde
     attention = linear.COMPONENT.factory(config, context(True))
     q, k, v = torch.randn(3, 2, 4, length, 8).unbind(0)
     mask = padding_mask(2, length) if padded else None
-    got = attention.attend(q, k, v, key_padding_mask=mask, positions=torch.arange(length))
+    positions = torch.arange(length)[None, :]
+    got = attention.attend(q, k, v, key_padding_mask=mask, q_positions=positions, k_positions=positions)
     expected = naive_linear(q, k, v, causal=True, mask=mask, eps=config.eps)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -141,7 +144,8 @@ def test_linear_bidirectional_matches_the_quadratic_form(padded):
     attention = linear.COMPONENT.factory(config, context(False))
     q, k, v = torch.randn(3, 2, 4, 37, 8).unbind(0)
     mask = padding_mask(2, 37) if padded else None
-    got = attention.attend(q, k, v, key_padding_mask=mask, positions=torch.arange(37))
+    positions = torch.arange(37)[None, :]
+    got = attention.attend(q, k, v, key_padding_mask=mask, q_positions=positions, k_positions=positions)
     expected = naive_linear(q, k, v, causal=False, mask=mask, eps=config.eps)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -157,9 +161,9 @@ def test_linear_with_rotary_follows_roformer(causal, length):
     config = linear.LinearAttentionConfig(chunk_size=16)
     attention = linear.COMPONENT.factory(config, context(causal, position))
     q, k, v = torch.randn(3, 2, 4, length, 8).unbind(0)
-    positions = torch.arange(length)
+    positions = torch.arange(length)[None, :]
     mask = padding_mask(2, length)
-    got = attention.attend(q, k, v, key_padding_mask=mask, positions=positions)
+    got = attention.attend(q, k, v, key_padding_mask=mask, q_positions=positions, k_positions=positions)
 
     phi_q, phi_k = F.elu(q) + 1, (F.elu(k) + 1) * mask[:, None, :, None]
     rotated_q, rotated_k = position.transform_qk(phi_q, phi_k, positions)
@@ -189,3 +193,44 @@ def test_capabilities_say_what_each_supports(registry):
     assert local_caps.cost == "n·w"
     assert "score_bias" not in linear_caps.provides and "qk_transform" in linear_caps.provides
     assert linear_caps.cost == "linear"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [local.LocalAttentionConfig(window=3, dilation=2), local.LocalAttentionConfig(window=4)],
+    ids=["window 3, dilation 2", "window 4"],
+)
+def test_local_with_a_short_window_conforms(config):
+    """The registered default window (64) covers the kit's sequences; a short one makes the
+    kit's decoding checks run with a cache that drops tokens."""
+    check_component(local.COMPONENT, config)
+
+
+def test_linear_with_short_chunks_conforms():
+    check_component(linear.COMPONENT, linear.LinearAttentionConfig(chunk_size=3))
+
+
+@pytest.mark.parametrize(("window", "dilation"), [(3, 1), (3, 2), (1, 1)])
+def test_local_cache_keeps_only_the_window(window, dilation):
+    torch.manual_seed(7)
+    attention = local.COMPONENT.factory(local.LocalAttentionConfig(window=window, dilation=dilation), context(True)).eval()
+    state = attention.new_state(2)
+    assert isinstance(state, KVCache) and state.limit == (window - 1) * dilation
+    x = torch.randn(2, 9, 32)
+    expected = attention(x)
+    steps = []
+    for t in range(9):
+        steps.append(attention(x[:, t : t + 1], positions=torch.tensor([[t]]), state=state))
+        assert state.length == min(t + 1, state.limit)
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2, 1])
+def test_full_cache_counts_tokens_and_holds_only_key_value_heads(kv_heads):
+    attention = full.COMPONENT.factory(full.FullAttentionConfig(), replace(context(True), n_kv_heads=kv_heads)).eval()
+    state = attention.new_state(3)
+    x = torch.randn(3, 5, 32)
+    for t in range(5):
+        attention(x[:, t : t + 1], positions=torch.tensor([[t]]), state=state)
+    assert state.length == 5 and state.limit is None
+    assert state.keys.shape == state.values.shape == (3, kv_heads or 4, 5, 8)

@@ -4,13 +4,24 @@ checked without writing a test), and the kit really catches broken components.""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-from plugformer import Attention, BuildContext, Capabilities, Component, FeedForward, PositionEncoding
+from plugformer import (
+    Attention,
+    AttentionState,
+    Block,
+    BuildContext,
+    Capabilities,
+    Component,
+    FeedForward,
+    KVCache,
+    PositionEncoding,
+    causal_allowed,
+)
 from plugformer.plugins import load_plugins
 from plugformer.testing import check_component
 
@@ -37,11 +48,10 @@ def softmax_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, *, guard
     return scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1) @ v
 
 
-def visible(q: Tensor, key_padding_mask: Tensor | None, *, causal: bool, padding: bool) -> Tensor:
-    length = q.shape[-2]
-    allowed = torch.ones(length, length, dtype=torch.bool)
-    if causal:
-        allowed = allowed.tril()
+def visible(q: Tensor, key_padding_mask: Tensor | None, *, causal: bool, padding: bool, k: Tensor | None = None) -> Tensor:
+    q_length = q.shape[-2]
+    k_length = q_length if k is None else k.shape[-2]
+    allowed = causal_allowed(q_length, k_length, q.device) if causal else torch.ones(q_length, k_length, dtype=torch.bool)
     if padding and key_padding_mask is not None:
         allowed = allowed & key_padding_mask[:, None, None, :]
     return allowed
@@ -50,21 +60,21 @@ def visible(q: Tensor, key_padding_mask: Tensor | None, *, causal: bool, padding
 class FutureLeakingAttention(Attention):
     """Claims to be causal but lets every query see every key."""
 
-    def attend(self, q, k, v, *, key_padding_mask, positions):
+    def attend(self, q, k, v, *, key_padding_mask, q_positions, k_positions, state=None):
         return softmax_attention(q, k, v, visible(q, key_padding_mask, causal=False, padding=True))
 
 
 class MaskIgnoringAttention(Attention):
     """Claims key padding support but attends to padded keys too."""
 
-    def attend(self, q, k, v, *, key_padding_mask, positions):
+    def attend(self, q, k, v, *, key_padding_mask, q_positions, k_positions, state=None):
         return softmax_attention(q, k, v, visible(q, key_padding_mask, causal=self.causal, padding=False))
 
 
 class EmptyRowNaNAttention(Attention):
     """Right about masks, but a query with no visible key (a padded one) gets NaN."""
 
-    def attend(self, q, k, v, *, key_padding_mask, positions):
+    def attend(self, q, k, v, *, key_padding_mask, q_positions, k_positions, state=None):
         allowed = visible(q, key_padding_mask, causal=self.causal, padding=True)
         return softmax_attention(q, k, v, allowed, guard_empty_rows=False)
 
@@ -72,8 +82,106 @@ class EmptyRowNaNAttention(Attention):
 class BiasIgnoringAttention(Attention):
     """Claims score_bias support but never asks the position for a bias."""
 
-    def attend(self, q, k, v, *, key_padding_mask, positions):
+    def attend(self, q, k, v, *, key_padding_mask, q_positions, k_positions, state=None):
         return softmax_attention(q, k, v, visible(q, key_padding_mask, causal=self.causal, padding=True))
+
+
+class CorrectAttention(Attention):
+    """Softmax attention that gets everything right, for subclasses to break one thing."""
+
+    def attend(self, q, k, v, *, key_padding_mask, q_positions, k_positions, state=None):
+        allowed = visible(q, key_padding_mask, causal=self.causal, padding=True, k=k)
+        return self.explicit_attend(q, k, v, allowed[None, None] if allowed.dim() == 2 else allowed, q_positions, k_positions)
+
+
+class OffsetForgettingAttention(CorrectAttention):
+    """Its cache forgets the offset: every call restarts the positions at 0 (right for one
+    forward pass over the whole sequence, wrong for token-by-token decoding)."""
+
+    def forward(self, x, *, positions=None, **kwargs):
+        return super().forward(x, positions=torch.arange(x.shape[1])[None, :], **kwargs)
+
+
+class ForgetfulStateAttention(CorrectAttention):
+    """Declares incremental decoding, but its state keeps nothing: each call sees only its own tokens."""
+
+    def new_state(self, batch_size, *, streaming=False):
+        return None if streaming else _EmptyState()
+
+
+class _EmptyState(AttentionState):
+    def reorder(self, index):
+        pass
+
+
+class SharedLengthAttention(CorrectAttention):
+    """Counts the tokens decoded on the module instead of the state (one length for every
+    sequence and layer), so two sequences decoded in turn get wrong positions."""
+
+    decoded = 0
+
+    def forward(self, x, *, positions=None, state=None, **kwargs):
+        if state is not None:
+            positions = torch.arange(self.decoded, self.decoded + x.shape[1])[None, :]
+            self.decoded += x.shape[1]
+        return super().forward(x, positions=positions, state=state, **kwargs)
+
+
+class BeamIgnoringAttention(CorrectAttention):
+    """Its cache cannot be reordered: beam search continues every row from the wrong history."""
+
+    def new_state(self, batch_size, *, streaming=False):
+        return None if streaming else _UnorderedCache()
+
+
+class _UnorderedCache(KVCache):
+    def reorder(self, index):
+        pass
+
+
+class FullHeadedKeyValues(CorrectAttention):
+    """Ignores n_kv_heads: projects keys and values to every query head."""
+
+    def __init__(self, ctx):
+        super().__init__(replace(ctx, n_kv_heads=None))
+
+
+class ContextMaskIgnoringAttention(CorrectAttention):
+    """As a cross-attention, attends to padded context tokens too."""
+
+    def attend(self, q, k, v, *, key_padding_mask, q_positions, k_positions, state=None):
+        return super().attend(q, k, v, key_padding_mask=None if self.cross else key_padding_mask,
+                              q_positions=q_positions, k_positions=k_positions)
+
+
+class CrossIgnoringBlock(Block):
+    """Pre-norm, but never calls its cross-attention."""
+
+    def __init__(self, parts):
+        super().__init__(parts)
+        self.norm1, self.norm2 = parts.make_norm(), parts.make_norm()
+
+    def forward(self, x, inputs, state=None):
+        x = x + self.self_attend(self.norm1(x), inputs, state)
+        return x + self.ffn(self.norm2(x))
+
+
+class PositionDroppingBlock(CrossIgnoringBlock):
+    """Calls its attention without the positions: right for whole sequences, wrong when decoding."""
+
+    def forward(self, x, inputs, state=None):
+        h = self.norm1(x)
+        x = x + self.attention(h, mask=inputs.mask, state=state.attention if state is not None else None)
+        return x + self.ffn(self.norm2(x))
+
+
+class MaskDroppingBlock(CrossIgnoringBlock):
+    """Calls its attention without the key padding mask."""
+
+    def forward(self, x, inputs, state=None):
+        h = self.norm1(x)
+        x = x + self.attention(h, positions=inputs.positions, state=state.attention if state is not None else None)
+        return x + self.ffn(self.norm2(x))
 
 
 class TokenMixingFFN(FeedForward):
@@ -133,8 +241,8 @@ class IndexBias(PositionEncoding):
     def score_bias(self, q_positions: Tensor, k_positions: Tensor) -> Tensor:
         q = torch.arange(q_positions.shape[-1]).expand(q_positions.shape)
         k = torch.arange(k_positions.shape[-1]).expand(k_positions.shape)
-        distance = (q[..., :, None] - k[..., None, :]).abs().float()
-        return -distance.expand(self.n_heads, *distance.shape)
+        distance = (q[..., :, None] - k[..., None, :]).abs().float().unsqueeze(1)
+        return -distance.expand(distance.shape[0], self.n_heads, *distance.shape[2:])
 
 
 class UndeclaredEmbedding(PositionEncoding):
@@ -160,6 +268,7 @@ def broken(kind: str, name: str, factory, provides=()) -> Component:
 
 
 ATTENTION_FLAGS = {"causal", "bidirectional", "key_padding_mask"}
+DECODING_FLAGS = ATTENTION_FLAGS | {"score_bias", "qk_transform", "incremental_decoding"}
 
 BROKEN = {
     "attention leaks the future": (
@@ -177,6 +286,42 @@ BROKEN = {
     "attention ignores the score bias": (
         broken("attention", "bias_ignoring", lambda config, ctx: BiasIgnoringAttention(ctx), ATTENTION_FLAGS | {"score_bias"}),
         "score bias is applied",
+    ),
+    "attention cache forgets the position offset": (
+        broken("attention", "offset_forgetting", lambda config, ctx: OffsetForgettingAttention(ctx), DECODING_FLAGS),
+        "incremental decoding",
+    ),
+    "attention state keeps nothing": (
+        broken("attention", "forgetful_state", lambda config, ctx: ForgetfulStateAttention(ctx), ATTENTION_FLAGS | {"incremental_decoding"}),
+        "incremental decoding, token by token",
+    ),
+    "attention counts decoded tokens on the module": (
+        broken("attention", "shared_length", lambda config, ctx: SharedLengthAttention(ctx), DECODING_FLAGS),
+        "incremental decoding, token by token",
+    ),
+    "attention state ignores a beam-search reorder": (
+        broken("attention", "beam_ignoring", lambda config, ctx: BeamIgnoringAttention(ctx), ATTENTION_FLAGS | {"incremental_decoding"}),
+        "incremental decoding, beam-search reorder",
+    ),
+    "attention ignores n_kv_heads": (
+        broken("attention", "full_headed", lambda config, ctx: FullHeadedKeyValues(ctx), ATTENTION_FLAGS),
+        "key/value projection",
+    ),
+    "cross-attention ignores the context mask": (
+        broken("attention", "context_mask_ignoring", lambda config, ctx: ContextMaskIgnoringAttention(ctx), ATTENTION_FLAGS | {"cross_attention"}),
+        "cross-attention): context mask",
+    ),
+    "block ignores its cross-attention": (
+        broken("block", "cross_ignoring", lambda config, ctx, parts: CrossIgnoringBlock(parts), {"cross_attention"}),
+        "cross-attention",
+    ),
+    "block drops the positions": (
+        broken("block", "position_dropping", lambda config, ctx, parts: PositionDroppingBlock(parts)),
+        "incremental decoding",
+    ),
+    "block drops the key padding mask": (
+        broken("block", "mask_dropping", lambda config, ctx, parts: MaskDroppingBlock(parts)),
+        "key padding mask",
     ),
     "ffn mixes tokens": (broken("ffn", "token_mixing", lambda config, ctx: TokenMixingFFN(ctx)), "position-wise"),
     "ffn loses state in checkpoints": (

@@ -22,6 +22,11 @@ def rotary(**config) -> rope.RotaryPosition:
     return rope.COMPONENT.factory(rope.RotaryConfig(**config), small_context())
 
 
+def positions(length: int) -> torch.Tensor:
+    """Positions 0..length−1 shared by the batch: (1, length)."""
+    return torch.arange(length)[None, :]
+
+
 def heads(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
@@ -31,7 +36,7 @@ def heads(*shape: int, seed: int) -> torch.Tensor:
 
 def test_rope_preserves_norms_and_shapes() -> None:
     q, k = heads(2, 4, 12, 8, seed=0), heads(2, 4, 12, 8, seed=1)
-    rq, rk = rotary().transform_qk(q, k, torch.arange(12))
+    rq, rk = rotary().transform_qk(q, k, positions(12))
     assert rq.shape == q.shape and rq.dtype == q.dtype
     torch.testing.assert_close(rq.norm(dim=-1), q.norm(dim=-1))
     torch.testing.assert_close(rk.norm(dim=-1), k.norm(dim=-1))
@@ -40,20 +45,20 @@ def test_rope_preserves_norms_and_shapes() -> None:
 def test_rope_scores_depend_only_on_the_relative_offset() -> None:
     position = rotary()
     q, k = heads(1, 4, 10, 8, seed=2), heads(1, 4, 10, 8, seed=3)
-    near = position.transform_qk(q, k, torch.arange(10))
-    far = position.transform_qk(q, k, torch.arange(10) + 37)
+    near = position.transform_qk(q, k, positions(10))
+    far = position.transform_qk(q, k, positions(10) + 37)
     torch.testing.assert_close(near[0] @ near[1].transpose(-1, -2), far[0] @ far[1].transpose(-1, -2))
     # One query vector and one key vector at every position: the scores are constant along diagonals.
     same_q = heads(1, 1, 1, 8, seed=4).expand(1, 1, 10, 8)
     same_k = heads(1, 1, 1, 8, seed=5).expand(1, 1, 10, 8)
-    rq, rk = position.transform_qk(same_q, same_k, torch.arange(10))
+    rq, rk = position.transform_qk(same_q, same_k, positions(10))
     scores = (rq @ rk.transpose(-1, -2))[0, 0]
     torch.testing.assert_close(scores[1:, 1:], scores[:-1, :-1])
 
 
 def test_rope_rotates_pair_k_by_position_times_theta_k() -> None:
     q = heads(1, 1, 6, 8, seed=6)
-    rq, _ = rotary(base=100.0).transform_qk(q, q, torch.arange(6))
+    rq, _ = rotary(base=100.0).transform_qk(q, q, positions(6))
     torch.testing.assert_close(rq[..., 0, :], q[..., 0, :])  # position 0: no rotation
     pair, position = 2, 5
     angle = position * 100.0 ** (-2 * pair / 8)
@@ -66,16 +71,26 @@ def test_partial_rope_rotates_only_the_leading_fraction() -> None:
     q = heads(2, 4, 9, 8, seed=7)
     position = rotary(fraction=0.5)
     assert position.rotary_dim == 4
-    rq, _ = position.transform_qk(q, q, torch.arange(9))
+    rq, _ = position.transform_qk(q, q, positions(9))
     torch.testing.assert_close(rq[..., 4:], q[..., 4:])
     assert not torch.allclose(rq[..., 1:, :4], q[..., 1:, :4])
     torch.testing.assert_close(rq[..., :4].norm(dim=-1), q[..., :4].norm(dim=-1))
     check_component(rope.COMPONENT, rope.RotaryConfig(fraction=0.5))
 
 
+def test_rope_takes_positions_per_example() -> None:
+    q = heads(2, 4, 6, 8, seed=9)
+    per_example = torch.stack([torch.arange(6), torch.arange(6) + 11])  # (batch, length)
+    rq, _ = rotary().transform_qk(q, q, per_example)
+    for row in range(2):
+        alone, _ = rotary().transform_qk(q[row : row + 1], q[row : row + 1], per_example[row : row + 1])
+        torch.testing.assert_close(rq[row : row + 1], alone)
+    assert not torch.allclose(rq[1], rotary().transform_qk(q, q, positions(6))[0][1])
+
+
 def test_rope_keeps_low_precision_dtypes() -> None:
     q = heads(1, 4, 5, 8, seed=8).to(torch.bfloat16)
-    rq, rk = rotary().transform_qk(q, q, torch.arange(5))
+    rq, rk = rotary().transform_qk(q, q, positions(5))
     assert rq.dtype == rk.dtype == torch.bfloat16
 
 
@@ -106,28 +121,28 @@ def alibi_position(causal: bool, n_heads: int = 8) -> alibi.AlibiPosition:
 
 
 def test_alibi_bias_is_minus_slope_times_distance_on_the_causal_part() -> None:
-    bias = alibi_position(causal=True).score_bias(torch.arange(7), torch.arange(7))
-    assert bias.shape == (8, 7, 7)
+    bias = alibi_position(causal=True).score_bias(positions(7), positions(7))
+    assert bias.shape == (1, 8, 7, 7)
     i, j = torch.arange(7)[:, None], torch.arange(7)[None, :]
     for h, slope in enumerate(alibi.alibi_slopes(8)):
         expected = -slope * (i - j).float()
-        torch.testing.assert_close(bias[h][j <= i], expected[j <= i])
+        torch.testing.assert_close(bias[0, h][j <= i], expected[j <= i])
 
 
 def test_alibi_bidirectional_bias_is_symmetric_in_distance() -> None:
-    bias = alibi_position(causal=False).score_bias(torch.arange(6), torch.arange(6))
+    bias = alibi_position(causal=False).score_bias(positions(6), positions(6))
     i, j = torch.arange(6)[:, None], torch.arange(6)[None, :]
-    torch.testing.assert_close(bias, -torch.tensor(alibi.alibi_slopes(8))[:, None, None] * (i - j).abs().float())
+    torch.testing.assert_close(bias[0], -torch.tensor(alibi.alibi_slopes(8))[:, None, None] * (i - j).abs().float())
 
 
 def test_alibi_bias_works_on_blocks_of_positions() -> None:
     position = alibi_position(causal=True)
-    q_positions = torch.tensor([[[4, 5, 6]], [[10, 11, 12]]])  # (2, 1, 3)
-    k_positions = torch.tensor([[[2, 3, 4, 5, 6]], [[8, 9, 10, 11, 12]]])  # (2, 1, 5)
+    q_positions = torch.tensor([[[4, 5, 6]], [[10, 11, 12]]])  # (batch 2, 1 block, 3)
+    k_positions = torch.tensor([[[2, 3, 4, 5, 6]], [[8, 9, 10, 11, 12]]])  # (batch 2, 1 block, 5)
     bias = position.score_bias(q_positions, k_positions)
-    assert bias.shape == (8, 2, 1, 3, 5)
-    # The same offsets in both blocks: the bias depends on positions only through i − j.
-    torch.testing.assert_close(bias[:, 0], bias[:, 1])
+    assert bias.shape == (2, 8, 1, 3, 5)  # (batch, heads, blocks, Lq, Lk)
+    # The same offsets in both rows: the bias depends on positions only through i − j.
+    torch.testing.assert_close(bias[0], bias[1])
     assert bias[0, 0, 0, 0, 0].item() == pytest.approx(-0.5 * (4 - 2))
 
 
@@ -136,11 +151,12 @@ def test_alibi_in_full_attention_matches_explicit_softmax() -> None:
     position = alibi.COMPONENT.factory(alibi.AlibiConfig(), ctx)
     attention = full.COMPONENT.factory(full.FullAttentionConfig(), replace(ctx, position=position)).double()
     x = heads(2, 9, 32, seed=9)
-    q, k, v = attention.qkv(x).view(2, 9, 3, 4, 8).permute(2, 0, 3, 1, 4)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(8) + position.score_bias(torch.arange(9), torch.arange(9)).double()
+    q = attention.query(x).view(2, 9, 4, 8).transpose(1, 2)
+    k, v = attention.key_value(x).view(2, 9, 2, 4, 8).permute(2, 0, 3, 1, 4)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(8) + position.score_bias(positions(9), positions(9)).double()
     scores = scores.masked_fill(~torch.ones(9, 9, dtype=torch.bool).tril(), float("-inf"))
     expected = attention.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 9, 32))
-    torch.testing.assert_close(attention(x, positions=torch.arange(9)), expected)
+    torch.testing.assert_close(attention(x, positions=positions(9)), expected)
 
 
 # --- RMSNorm --------------------------------------------------------------------------------

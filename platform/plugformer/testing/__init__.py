@@ -34,10 +34,13 @@ import torch
 from torch import nn
 
 from plugformer.capabilities import Capabilities
-from plugformer.components import Objective
+from plugformer.components import ARCHITECTURES, Objective
 from plugformer.registry import KINDS, Component
 from plugformer.testing._support import Sizes, Subject, isolated
-from plugformer.testing.attention import QKTransformProbe, ScoreBiasProbe, check_attention
+from plugformer.testing.attention import check_attention
+from plugformer.testing.block import check_block
+from plugformer.testing.cross import check_cross_attention
+from plugformer.testing.probes import QKTransformProbe, ScoreBiasProbe
 from plugformer.testing.position import check_position
 from plugformer.testing.sublayers import check_ffn, check_norm
 
@@ -46,7 +49,9 @@ __all__ = [
     "ScoreBiasProbe",
     "Sizes",
     "check_attention",
+    "check_block",
     "check_component",
+    "check_cross_attention",
     "check_ffn",
     "check_norm",
     "check_objective",
@@ -86,24 +91,34 @@ def check_registration(component: Component, config: Any = None) -> None:
 
 @isolated
 def check_objective(component: Component, config: Any = None, *, sizes: Sizes | None = None) -> None:
-    """The cheap checks of an objective: it requires exactly one of "causal" and
-    "bidirectional" from the attention (which one decides decoder or encoder), and its
-    factory builds a :class:`plugformer.Objective` from a context like a model's (with a tied
-    token embedding and ``num_classes`` set). Its forward pass needs a batch in its own
-    format, so training tests exercise it instead."""
+    """The cheap checks of an objective: it names its architecture, providing exactly one
+    of "decoder", "encoder" and "encoder_decoder" (or, as in version 1, none of them and
+    exactly one of "causal" and "bidirectional" among what it requires from the attention),
+    and its factory builds a :class:`plugformer.Objective` from a context like a model's
+    (with a tied token embedding and task facts such as ``num_classes``). Its forward pass
+    needs a batch in its own format, so training tests exercise it instead."""
     config = config if config is not None else component.config()
     sizes = sizes or Sizes()
-    needed = component.capabilities_for(config).requires.get("attention", frozenset())
+    capabilities = component.capabilities_for(config)
+    named = [a for a in ARCHITECTURES if a in capabilities.provides]
+    needed = capabilities.requires.get("attention", frozenset())
     modes = needed & {"causal", "bidirectional"}
-    if len(modes) != 1:
+    if len(named) > 1:
         raise AssertionError(
-            f"{component.qualified_name}: capabilities: an objective must require exactly one of 'causal' and "
-            f"'bidirectional' from the attention (it decides decoder or encoder); it requires {sorted(needed) or 'neither'}"
+            f"{component.qualified_name}: capabilities: an objective must provide exactly one architecture of "
+            f"{', '.join(ARCHITECTURES)}; it provides {named}"
         )
+    if not named and len(modes) != 1:
+        raise AssertionError(
+            f"{component.qualified_name}: capabilities: an objective must provide one of {', '.join(ARCHITECTURES)} "
+            f"(or require exactly one of 'causal' and 'bidirectional' from the attention); it provides none and "
+            f"requires {sorted(needed) or 'neither'}"
+        )
+    architecture = named[0] if named else ("decoder" if "causal" in modes else "encoder")
     ctx = sizes.context(
-        causal="causal" in modes,
-        limit=component.capabilities_for(config).max_length,
-        num_classes=sizes.num_classes,
+        causal=architecture != "encoder",
+        limit=capabilities.max_length,
+        task={"num_classes": sizes.num_classes},
         token_embedding=nn.Embedding(sizes.vocab_size, sizes.d_model),
     )
     subject = Subject(component, config, ctx, dtype=torch.float32)
@@ -123,8 +138,9 @@ def check_component(
 ) -> None:
     """Run the checks for the component's kind; raise AssertionError naming the first failure.
 
-    attention, position, norm and ffn get the full behavioural checks
-    (:func:`check_attention`, :func:`check_position`, :func:`check_norm`, :func:`check_ffn`);
+    attention, position, norm, ffn and block get the full behavioural checks
+    (:func:`check_attention`, :func:`check_position`, :func:`check_norm`, :func:`check_ffn`,
+    :func:`check_block`);
     objectives get the cheap :func:`check_objective`. Data tasks and techniques get only
     :func:`check_registration`: building them means building datasets or a whole run, which
     the training tests do.
@@ -139,5 +155,7 @@ def check_component(
         check_norm(component, config, **options)
     elif component.kind == "ffn":
         check_ffn(component, config, **options)
+    elif component.kind == "block":
+        check_block(component, config, **options)
     elif component.kind == "objective":
         check_objective(component, config, sizes=sizes)

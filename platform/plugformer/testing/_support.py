@@ -58,16 +58,26 @@ class Sizes:
             causal=causal,
             max_length=max(max_length, self.length_for(limit)),
             vocab_size=self.vocab_size,
+            # A decoder-only model when causal, an encoder-only one otherwise.
+            stack="decoder" if causal else "encoder",
+            decoder_layers=self.n_layers if causal else 0,
+            encoder_layers=0 if causal else self.n_layers,
         )
         values.update(overrides)
         return BuildContext(**values)
+
+    def positions(self, length: int) -> Tensor:
+        """Positions 0..length−1 shared by every example: (1, length)."""
+        return torch.arange(length)[None, :]
 
 
 @contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Run the block with the global CPU RNG seeded, restoring its state afterwards."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # The CPU generator only: torch.manual_seed also queues a seed for CUDA, recording a
+        # stack trace each time while CUDA is not initialized (milliseconds per call).
+        torch.random.default_generator.manual_seed(seed)
         yield
 
 
@@ -110,7 +120,9 @@ class Subject:
     """One component under test in one setting: how to build it and how to report failures.
 
     ``setting`` describes the build (e.g. "causal, score-bias position") and appears in every
-    message; ``prepare`` receives each freshly built module (to cast a test position along).
+    message; ``prepare`` receives each freshly built module (to cast a test position along);
+    ``factory(config, ctx)`` replaces the component's own (a block's factory also takes its
+    sublayers, which the kit supplies).
     """
 
     def __init__(
@@ -123,6 +135,7 @@ class Subject:
         setting: str = "",
         allow_zero_grad: Collection[str] = (),
         prepare: Callable[[nn.Module, torch.dtype], None] | None = None,
+        factory: Callable[[Any, Any], nn.Module] | None = None,
     ) -> None:
         self.component = component
         self.config = config
@@ -131,6 +144,7 @@ class Subject:
         self.setting = setting
         self.allow_zero_grad = tuple(allow_zero_grad)
         self._prepare = prepare
+        self._factory = factory if factory is not None else component.factory
         self._check = "build"
 
     @property
@@ -159,7 +173,7 @@ class Subject:
         through ``init_weights()`` as in a model, cast to ``dtype`` (default: the subject's)."""
         dtype = dtype or self.dtype
         with self.check("build"), seeded(seed):
-            module = self.component.factory(self.config, self.ctx)
+            module = self._factory(self.config, self.ctx)
             if not isinstance(module, nn.Module):
                 self.fail(f"the factory returned {type(module).__name__}, not a torch.nn.Module")
             for sub in module.modules():

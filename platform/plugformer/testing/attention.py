@@ -1,4 +1,6 @@
-"""Conformance checks for attention components, and the test positions they run with."""
+"""Conformance checks for attention components: behaviour in each mode and with each test
+position, multi-/grouped-query heads, and (in their own modules) incremental decoding and
+cross-attention."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from plugformer.attention import Attention
 from plugformer.components import PositionEncoding
 from plugformer.registry import Component
 from plugformer.testing._support import (
@@ -23,55 +26,11 @@ from plugformer.testing._support import (
     isolated,
     randn,
 )
+from plugformer.testing.cross import check_cross_attention
+from plugformer.testing.decoding import DecodingChecks
+from plugformer.testing.probes import QKTransformProbe, ScoreBiasProbe, padding_mask
 
-
-class ScoreBiasProbe(PositionEncoding):
-    """A test position that contributes only a score bias: −strength·m_h·|i − j| with fixed
-    slopes m_h from 0.3 to 1.2, for position tensors of any shapes (..., Lq) and (..., Lk).
-    Set ``strength`` to 0 to switch it off."""
-
-    def __init__(self, n_heads: int) -> None:
-        super().__init__()
-        self.register_buffer("slopes", torch.linspace(0.3, 1.2, n_heads), persistent=False)
-        self.strength = 1.0
-
-    def score_bias(self, q_positions: Tensor, k_positions: Tensor) -> Tensor:
-        distance = (q_positions[..., :, None] - k_positions[..., None, :]).abs().to(self.slopes.dtype)
-        return -self.strength * self.slopes.view(-1, *([1] * distance.dim())) * distance
-
-
-class QKTransformProbe(PositionEncoding):
-    """A test position that contributes only a query/key transform: each pair of head
-    dimensions is rotated by strength·position·ω_k, ω_k from 1 down to 0.1. Set
-    ``strength`` to 0 to make it the identity."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.strength = 1.0
-
-    def transform_qk(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        pairs = q.shape[-1] // 2
-        frequencies = torch.linspace(1.0, 0.1, pairs, dtype=q.dtype, device=q.device)
-        angles = self.strength * positions.to(q.dtype)[:, None] * frequencies
-        cos, sin = angles.cos(), angles.sin()
-
-        def rotate(x: Tensor) -> Tensor:
-            even, odd = x[..., 0 : 2 * pairs : 2], x[..., 1 : 2 * pairs : 2]
-            turned = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
-            return torch.cat((turned, x[..., 2 * pairs :]), dim=-1)
-
-        return rotate(q), rotate(k)
-
-
-def padding_mask(batch: int, length: int) -> Tensor:
-    """Key padding mask (batch, length), True for real tokens: example 0 unpadded, example 1
-    padded at the end, example 2 at the start and in the middle (the contract allows any
-    pattern; left padding is what tests a causal attention's mask), the rest unpadded."""
-    mask = torch.ones(batch, length, dtype=torch.bool)
-    mask[1, length - max(2, length // 4) :] = False
-    mask[2, : max(1, length // 5)] = False
-    mask[2, length // 2] = False
-    return mask
+__all__ = ["QKTransformProbe", "ScoreBiasProbe", "check_attention", "padding_mask"]
 
 
 @isolated
@@ -87,7 +46,11 @@ def check_attention(
 
     The checks run once per mode the component provides ("causal", "bidirectional") and per
     position it can take: none, a :class:`ScoreBiasProbe` if it provides "score_bias", a
-    :class:`QKTransformProbe` if it provides "qk_transform". See docs/testing.md.
+    :class:`QKTransformProbe` if it provides "qk_transform"; in causal mode, with
+    "incremental_decoding", decoding with its state is checked against the full forward.
+    An attention built on :class:`plugformer.Attention` is also built with grouped-query
+    (2 key/value heads) and multi-query (1) heads and checked again; one providing
+    "cross_attention" is checked as a cross-attention. See docs/testing.md.
     """
     config = config if config is not None else component.config()
     sizes = sizes or Sizes()
@@ -105,19 +68,94 @@ def check_attention(
         positions.append(("score-bias position", lambda: ScoreBiasProbe(sizes.n_heads)))
     if "qk_transform" in provides:
         positions.append(("qk-transform position", QKTransformProbe))
+    on_base = False
     for causal in modes:
         for position_label, make_position in positions:
             probe = make_position()
-            subject = Subject(
-                component,
-                config,
-                sizes.context(causal=causal, limit=capabilities.max_length, position=probe),
-                dtype=dtype,
-                setting=f"{'causal' if causal else 'bidirectional'}, {position_label}",
-                allow_zero_grad=allow_zero_grad,
-                prepare=(lambda module, dt, probe=probe: probe.to(dt)) if probe is not None else None,
+            subject = _subject(component, config, sizes, capabilities.max_length, causal, probe, position_label,
+                               dtype=dtype, allow_zero_grad=allow_zero_grad)
+            checks = _AttentionChecks(subject, sizes, length, provides, probe)
+            checks.run()
+            on_base = checks.on_base
+            if causal and "incremental_decoding" in provides:
+                DecodingChecks(subject, sizes, length, padding="key_padding_mask" in provides).run()
+    if on_base:
+        for causal in modes:
+            for kv_heads in _kv_head_counts(sizes.n_heads):
+                _check_grouped_query(component, config, sizes, capabilities.max_length, causal, kv_heads, length,
+                                     provides, dtype=dtype, allow_zero_grad=allow_zero_grad)
+    if "cross_attention" in provides:
+        check_cross_attention(component, config, sizes=sizes, dtype=dtype, allow_zero_grad=allow_zero_grad)
+
+
+def _kv_head_counts(n_heads: int) -> list[int]:
+    """Multi-query (1) and grouped-query (2) key/value heads, where they divide n_heads."""
+    return [g for g in (1, 2) if g < n_heads and n_heads % g == 0]
+
+
+def _subject(
+    component: Component,
+    config: Any,
+    sizes: Sizes,
+    limit: int | None,
+    causal: bool,
+    probe: PositionEncoding | None,
+    label: str,
+    *,
+    dtype: torch.dtype,
+    allow_zero_grad: Collection[str],
+    **context: Any,
+) -> Subject:
+    return Subject(
+        component,
+        config,
+        sizes.context(causal=causal, limit=limit, position=probe, **context),
+        dtype=dtype,
+        setting=f"{'causal' if causal else 'bidirectional'}, {label}",
+        allow_zero_grad=allow_zero_grad,
+        prepare=(lambda module, dt, probe=probe: probe.to(dt)) if probe is not None else None,
+    )
+
+
+def _check_grouped_query(
+    component: Component,
+    config: Any,
+    sizes: Sizes,
+    limit: int | None,
+    causal: bool,
+    kv_heads: int,
+    length: int,
+    provides: frozenset[str],
+    *,
+    dtype: torch.dtype,
+    allow_zero_grad: Collection[str],
+) -> None:
+    """The behavioural checks (shape, causality, padding, batch independence, decoding) with
+    ``n_kv_heads`` key/value heads, and a key/value projection of n_kv_heads·head_dim·2
+    outputs: grouped-query attention must really have fewer key/value heads."""
+    label = f"{'multi' if kv_heads == 1 else 'grouped'}-query, n_kv_heads={kv_heads} of n_heads={sizes.n_heads}"
+    subject = _subject(component, config, sizes, limit, causal, None, label,
+                       dtype=dtype, allow_zero_grad=allow_zero_grad, n_kv_heads=kv_heads)
+    checks = _AttentionChecks(subject, sizes, length, provides, None)
+    with subject.check("key/value projection"):
+        module = subject.build()
+        head_dim = sizes.d_model // sizes.n_heads
+        expected = 2 * kv_heads * head_dim
+        got = module.key_value.out_features
+        if got != expected:
+            subject.fail(
+                f"key_value has {got} outputs; expected 2·n_kv_heads·head_dim = {expected}: an attention on "
+                "plugformer.Attention must project keys and values to ctx.kv_heads heads (the memory saving of "
+                "multi-/grouped-query attention)"
             )
-            _AttentionChecks(subject, sizes, length, provides, probe).run()
+    checks.shape_and_dtype()
+    if causal:
+        checks.causality()
+    if checks.padding:
+        checks.key_padding()
+    checks.batch_independence()
+    if causal and "incremental_decoding" in provides:
+        DecodingChecks(subject, sizes, length, padding=checks.padding).run(all_checks=False)
 
 
 class _AttentionChecks:
@@ -131,25 +169,44 @@ class _AttentionChecks:
         self.probe = probe
         self.causal = subject.ctx.causal
         self.padding = "key_padding_mask" in provides
-        self.positions = torch.arange(length)
+        self.positions = sizes.positions(length)
         self.x = randn(sizes.batch, length, sizes.d_model, seed=10, dtype=subject.dtype)
         self.mask = padding_mask(sizes.batch, length) if self.padding else None
+        self.on_base = False
 
-    def call(self, module: nn.Module, x: Tensor, mask: Tensor | None) -> Tensor:
-        return module(x, mask=mask, positions=self.positions)
+    def call(self, module: nn.Module, x: Tensor, mask: Tensor | None, positions: Tensor | None = None) -> Tensor:
+        return module(x, mask=mask, positions=self.positions if positions is None else positions)
 
     def run(self) -> None:
         self.shape_and_dtype()
+        self.on_base = isinstance(self.subject.build(), Attention)
         if self.causal:
             self.causality()
         if self.padding:
             self.key_padding()
         self.batch_independence()
+        self.per_example_positions()
         if self.probe is not None:
             self.position_is_applied()
         check_gradients(self.subject, self.loss)
         check_determinism(self.subject, self.outputs)
         check_state_dict_round_trip(self.subject, self.outputs)
+
+    def per_example_positions(self) -> None:
+        s = self.subject
+        with s.check("per-example positions"):
+            module = s.build().eval()
+            per_example = self.positions.expand(self.sizes.batch, -1).clone()
+            with torch.no_grad():
+                shared = self.call(module, self.x, self.mask)
+                each = self.call(module, self.x, self.mask, per_example)
+            assert_close(
+                s,
+                each,
+                shared,
+                "positions given per example (batch, length) should give the same outputs as the same "
+                "positions shared by the batch (1, length)",
+            )
 
     def shape_and_dtype(self) -> None:
         s = self.subject
