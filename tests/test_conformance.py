@@ -287,6 +287,10 @@ BROKEN = {
         broken("attention", "bias_ignoring", lambda config, ctx: BiasIgnoringAttention(ctx), ATTENTION_FLAGS | {"score_bias"}),
         "score bias is applied",
     ),
+    "attention ignores the relative terms": (
+        broken("attention", "relative_ignoring", lambda config, ctx: BiasIgnoringAttention(ctx), ATTENTION_FLAGS | {"relative_terms"}),
+        "relative terms is applied",
+    ),
     "attention cache forgets the position offset": (
         broken("attention", "offset_forgetting", lambda config, ctx: OffsetForgettingAttention(ctx), DECODING_FLAGS),
         "incremental decoding",
@@ -345,6 +349,22 @@ BROKEN = {
         "input_embedding",
     ),
 }
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("standard", {"placement": "post"}),
+        ("standard", {"placement": "sandwich"}),
+        ("parallel", {"shared_norm": False}),
+        ("deepnorm", {"alpha": 1.5, "beta": 0.5}),
+    ],
+    ids=["standard post", "standard sandwich", "parallel separate norms", "deepnorm given gains"],
+)
+def test_block_options_conform(registry, name: str, options: dict) -> None:
+    """The registered blocks conform with their default options (above) and these."""
+    component = registry.get("block", name)
+    check_component(component, component.config(**options))
 
 
 @pytest.mark.parametrize("case", list(BROKEN))

@@ -40,12 +40,13 @@ from plugformer.testing._support import Sizes, Subject, isolated
 from plugformer.testing.attention import check_attention
 from plugformer.testing.block import check_block
 from plugformer.testing.cross import check_cross_attention
-from plugformer.testing.probes import QKTransformProbe, ScoreBiasProbe
+from plugformer.testing.probes import QKTransformProbe, RelativeTermsProbe, ScoreBiasProbe
 from plugformer.testing.position import check_position
 from plugformer.testing.sublayers import check_ffn, check_norm
 
 __all__ = [
     "QKTransformProbe",
+    "RelativeTermsProbe",
     "ScoreBiasProbe",
     "Sizes",
     "check_attention",

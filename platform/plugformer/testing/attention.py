@@ -28,9 +28,9 @@ from plugformer.testing._support import (
 )
 from plugformer.testing.cross import check_cross_attention
 from plugformer.testing.decoding import DecodingChecks
-from plugformer.testing.probes import QKTransformProbe, ScoreBiasProbe, padding_mask
+from plugformer.testing.probes import QKTransformProbe, RelativeTermsProbe, ScoreBiasProbe, padding_mask
 
-__all__ = ["QKTransformProbe", "ScoreBiasProbe", "check_attention", "padding_mask"]
+__all__ = ["QKTransformProbe", "RelativeTermsProbe", "ScoreBiasProbe", "check_attention", "padding_mask"]
 
 
 @isolated
@@ -46,7 +46,8 @@ def check_attention(
 
     The checks run once per mode the component provides ("causal", "bidirectional") and per
     position it can take: none, a :class:`ScoreBiasProbe` if it provides "score_bias", a
-    :class:`QKTransformProbe` if it provides "qk_transform"; in causal mode, with
+    :class:`QKTransformProbe` if it provides "qk_transform", a :class:`RelativeTermsProbe`
+    if it provides "relative_terms"; in causal mode, with
     "incremental_decoding", decoding with its state is checked against the full forward.
     An attention built on :class:`plugformer.Attention` is also built with grouped-query
     (2 key/value heads) and multi-query (1) heads and checked again; one providing
@@ -68,6 +69,8 @@ def check_attention(
         positions.append(("score-bias position", lambda: ScoreBiasProbe(sizes.n_heads)))
     if "qk_transform" in provides:
         positions.append(("qk-transform position", QKTransformProbe))
+    if "relative_terms" in provides:
+        positions.append(("relative-terms position", lambda: RelativeTermsProbe(sizes.d_model // sizes.n_heads)))
     on_base = False
     for causal in modes:
         for position_label, make_position in positions:
@@ -295,7 +298,11 @@ class _AttentionChecks:
         s = self.subject
         probe = self.probe
         assert probe is not None
-        what = "score bias" if isinstance(probe, ScoreBiasProbe) else "query/key transform"
+        flag, what, method = {
+            ScoreBiasProbe: ("score_bias", "score bias", "Attention.score_bias"),
+            QKTransformProbe: ("qk_transform", "query/key transform", "Attention.transform_qk"),
+            RelativeTermsProbe: ("relative_terms", "relative terms", "Attention.score_terms and Attention.value_terms"),
+        }[type(probe)]
         with s.check(f"the position's {what} is applied"):
             module = s.build().eval()
             with torch.no_grad():
@@ -310,7 +317,7 @@ class _AttentionChecks:
                 on,
                 off,
                 f"switching the position's {what} off did not change the output; an attention that provides "
-                f"{'score_bias' if what == 'score bias' else 'qk_transform'} must apply it (see Attention.{'score_bias' if what == 'score bias' else 'transform_qk'})",
+                f"{flag} must apply it (see {method})",
             )
 
     def loss(self, module: nn.Module) -> tuple[Tensor, list[Tensor]]:

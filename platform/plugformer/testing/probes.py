@@ -85,3 +85,34 @@ def positions_of(mask: Tensor) -> Tensor:
     """Per-example positions (batch, length) of left-padded rows: each real token's index among
     the real tokens of its row (cumsum of the mask − 1); padded tokens get 0."""
     return (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+class RelativeTermsProbe(PositionEncoding):
+    """A test position that contributes only content-dependent relative terms, as Shaw et al.
+    2018 do: a score term strength·0.1·(Σ_d q_d)·clip(j − i) and a value term
+    strength·Σ_j α_ij·e[clip(j − i)] from a fixed table e, the offset clipped to ±4. Shapes
+    follow :meth:`plugformer.PositionEncoding.relative_scores` and ``relative_values``;
+    extra dimensions between the batch and the length (blocks) are allowed. Set
+    ``strength`` to 0 to switch it off."""
+
+    clip = 4
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        table = torch.linspace(-1.0, 1.0, (2 * self.clip + 1) * head_dim).view(2 * self.clip + 1, head_dim).sin()
+        self.register_buffer("table", table, persistent=False)
+        self.strength = 1.0
+
+    def _offsets(self, q_positions: Tensor, k_positions: Tensor) -> Tensor:
+        """clip(j − i), (batch or 1, ..., Lq, Lk)."""
+        _expect_positions("relative terms", q_positions, "query positions")
+        _expect_positions("relative terms", k_positions, "key positions")
+        return (k_positions[..., None, :] - q_positions[..., :, None]).clamp(-self.clip, self.clip)
+
+    def relative_scores(self, q: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
+        offsets = self._offsets(q_positions, k_positions).unsqueeze(1).to(q.dtype)
+        return self.strength * 0.1 * q.sum(dim=-1, keepdim=True) * offsets
+
+    def relative_values(self, weights: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
+        embeddings = self.table.to(weights.dtype)[self._offsets(q_positions, k_positions) + self.clip]
+        return self.strength * (weights.unsqueeze(-1) * embeddings.unsqueeze(1)).sum(dim=-2)
