@@ -90,3 +90,57 @@ def test_out_of_range_sizes_and_rates_fail_before_training(tmp_path: Path, overr
     result = run_cli("train", *FAST, *overrides, f"run_dir={tmp_path}", "logger=none")
     assert_one_message(result, *needles)
     assert not (tmp_path / "checkpoints").exists()
+
+
+# --- text files ----------------------------------------------------------------------------------
+
+
+def text_task(tmp_path: Path, *train_files: str, **options):
+    from plugformer import DataContext
+    from plugformer_plugins.data.text import TextConfig, TextTask
+
+    config = TextConfig(train_files=list(train_files), block_size=8, **options)
+    return TextTask(config, DataContext(cache_dir=tmp_path / "cache"))
+
+
+@pytest.mark.parametrize(
+    ("content", "needles"),
+    [
+        (b"", ["empty.txt is empty", "remove it from data.train_files"]),
+        (b"  \n\n \n", ["empty.txt is empty (only whitespace)"]),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", ["looks binary", "NUL byte at offset 8"]),
+        ("caf\u00e9 cr\u00e8me\n".encode("latin-1") * 20, ["is not valid utf-8 text", "offset 3", "data.encoding=latin-1", "iconv"]),
+    ],
+)
+def test_unusable_text_files_are_named_with_the_fix(tmp_path: Path, content: bytes, needles: list[str]) -> None:
+    from plugformer import DataError
+
+    (tmp_path / "good.txt").write_text("some text\n" * 50)
+    (tmp_path / "empty.txt").write_bytes(content)
+    with pytest.raises(DataError) as caught:
+        text_task(tmp_path, str(tmp_path / "*.txt")).prepare()
+    message = caught.value.message()
+    assert str(tmp_path / "empty.txt") in message
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_a_declared_encoding_reads_the_file(tmp_path: Path) -> None:
+    (tmp_path / "latin.txt").write_bytes("caf\u00e9 cr\u00e8me br\u00fbl\u00e9e\n".encode("latin-1") * 30)
+    task = text_task(tmp_path, str(tmp_path / "latin.txt"), encoding="latin-1")
+    task.prepare()
+    assert "\u00e9" in task.tokenizer.chars
+
+
+def test_a_file_named_twice_or_through_a_symlink_counts_once(tmp_path: Path) -> None:
+    from plugformer_plugins.data.text import resolve_files
+
+    (tmp_path / "a.txt").write_text("alpha\n" * 50)
+    (tmp_path / "b.txt").write_text("beta\n" * 50)
+    (tmp_path / "link.txt").symlink_to(tmp_path / "a.txt")
+    files = resolve_files([str(tmp_path / "*.txt"), str(tmp_path / "a.txt")], "data.train_files")
+    assert files == [tmp_path.resolve() / "a.txt", tmp_path.resolve() / "b.txt"]
+    twice = text_task(tmp_path, str(tmp_path / "*.txt"), str(tmp_path / "a.txt"))
+    once = text_task(tmp_path / "other", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"))
+    twice.prepare(), once.prepare()
+    assert len(twice.splits["train"]) == len(once.splits["train"])

@@ -55,6 +55,8 @@ class TextConfig:
     hub_name: Optional[str] = None
     hub_config: Optional[str] = None
     text_column: str = "text"
+    # The encoding of local text files (a Python codec name: utf-8, latin-1, cp1252, ...).
+    encoding: str = "utf-8"
     tokenizer: Tokenization = Tokenization.char
     bpe_vocab_size: int = field(default=1024, metadata=bounds(ge=258))
     block_size: int = field(default=128, metadata=bounds(ge=1))
@@ -160,7 +162,8 @@ def tokenizer_from_json(text: str) -> TextTokenizer:
 
 
 def resolve_files(patterns: list[str], option: str) -> list[Path]:
-    """The files that ``patterns`` (paths or globs) name, in order, each pattern's matches sorted."""
+    """The files that ``patterns`` (paths or globs) name, in order, each pattern's matches
+    sorted; a file named twice (by two patterns, or through a symlink) is counted once."""
     files: list[Path] = []
     for pattern in patterns:
         matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
@@ -172,7 +175,63 @@ def resolve_files(patterns: list[str], option: str) -> list[Path]:
                 fix=f"correct {option}, e.g. {option}='[data/*.txt]'",
             )
         files.extend(Path(m).resolve() for m in matches)
-    return files
+    return list(dict.fromkeys(files))  # resolve() followed the symlinks: same file, same path
+
+
+#: Bytes read at a time when checking a text file.
+_CHUNK = 1 << 20
+
+
+def check_text_file(path: Path, encoding: str, option: str) -> None:
+    """Raise :class:`DataError` naming ``path`` when it is empty, looks binary (NUL bytes)
+    or is not valid text in ``encoding``; reads the file once, in chunks."""
+    import codecs
+
+    try:
+        decoder = codecs.getincrementaldecoder(encoding)()
+    except LookupError:
+        raise ConfigError(
+            f"data.encoding={encoding!r} is not a known text encoding.",
+            expected="a Python codec name such as utf-8, latin-1 or cp1252",
+            fix="set data.encoding",
+        ) from None
+    wide = codecs.lookup(encoding).name.startswith(("utf-16", "utf-32"))  # NUL bytes are normal there
+    offset, has_text = 0, False
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            nul = chunk.find(b"\0")
+            if nul >= 0 and not wide:
+                raise DataError(
+                    f"{option}: {path} looks binary, not text (a NUL byte at offset {offset + nul}).",
+                    expected="text files only",
+                    fix=f"remove it from {option} (or narrow the glob, e.g. '[data/*.txt]')",
+                )
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                raise DataError(
+                    f"{option}: {path} is not valid {encoding} text (byte {chunk[error.start:error.start + 1]!r} at "
+                    f"offset {offset + error.start}: {error.reason}).",
+                    expected=f"text in data.encoding={encoding}",
+                    fix=f"set data.encoding to the file's encoding (e.g. data.encoding=latin-1), or convert it: "
+                    f"iconv -f <its encoding> -t {encoding} {path}",
+                ) from None
+            has_text = has_text or bool(text.strip())
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DataError(
+                f"{option}: {path} is not valid {encoding} text (it ends inside a multi-byte character).",
+                expected=f"text in data.encoding={encoding}",
+                fix=f"set data.encoding to the file's encoding, or repair the truncated file {path}",
+            ) from None
+    if not has_text:
+        raise DataError(
+            f"{option}: {path} is empty" + (" (only whitespace)." if offset else "."),
+            expected="text in every file",
+            fix=f"add text to it, or remove it from {option}",
+        )
 
 
 def file_digest(path: Path) -> str:
@@ -294,6 +353,7 @@ class TextTask(CachedDatasetTask):
         self.tokenizer: TextTokenizer | None = None
         self._source: dict[str, Any] | None = None
         self._raw: DatasetDict | None = None
+        self._checked_files: set[Path] = set()
 
     # What the splits depend on ------------------------------------------------------------
     def source_key(self) -> dict[str, Any]:
@@ -307,6 +367,8 @@ class TextTask(CachedDatasetTask):
                     "train": [file_digest(p) for p in self.train_paths()],
                     "validation": [file_digest(p) for p in self.validation_paths()],
                 }
+                if c.encoding.lower().replace("_", "-") not in ("utf-8", "utf8"):
+                    self._source["encoding"] = c.encoding
             if not self._source.get("validation"):
                 self._source["validation_fraction"] = c.validation_fraction
         return self._source
@@ -328,11 +390,19 @@ class TextTask(CachedDatasetTask):
 
     def train_paths(self) -> list[Path]:
         if self.config.train_files:
-            return resolve_files(list(self.config.train_files), "data.train_files")
+            return self._checked(resolve_files(list(self.config.train_files), "data.train_files"), "data.train_files")
         return sorted(CORPUS_DIR.glob("*.txt"))
 
     def validation_paths(self) -> list[Path]:
-        return resolve_files(list(self.config.validation_files), "data.validation_files")
+        return self._checked(resolve_files(list(self.config.validation_files), "data.validation_files"), "data.validation_files")
+
+    def _checked(self, paths: list[Path], option: str) -> list[Path]:
+        """``paths``, each checked once per task to be non-empty text in the declared encoding."""
+        for path in paths:
+            if path not in self._checked_files:
+                check_text_file(path, self.config.encoding, option)
+                self._checked_files.add(path)
+        return paths
 
     # Building -------------------------------------------------------------------------------
     def raw_text(self) -> DatasetDict:
@@ -346,7 +416,8 @@ class TextTask(CachedDatasetTask):
                 if c.validation_files:
                     files["validation"] = [str(p) for p in self.validation_paths()]
                 raw = load_dataset(
-                    "text", data_files=files, keep_linebreaks=True, cache_dir=str(self.cache_dir / "huggingface")
+                    "text", data_files=files, keep_linebreaks=True, encoding=c.encoding,
+                    cache_dir=str(self.cache_dir / "huggingface"),
                 )
             if "validation" not in raw:
                 raw = split_off_validation(raw["train"], c.validation_fraction)
