@@ -8,12 +8,16 @@ Flags in use by the built-ins (plugins may add their own):
 
 - attention provides ``causal`` (a decoder mask), ``bidirectional`` (no mask),
   ``key_padding_mask``, ``score_bias`` (adds a position's bias to explicit scores),
-  ``qk_transform`` (applies a position's query/key transform), ``incremental_decoding``.
-- position provides ``input_embedding``, ``qk_transform`` or ``score_bias`` and requires the
-  matching flag from the attention.
-- objective requires ``causal`` or ``bidirectional`` from the attention; the one it requires
-  decides whether the model is a decoder or an encoder. It provides the name of the batch
-  format it consumes (``causal_lm``, ``classification``).
+  ``qk_transform`` (applies a position's query/key transform), ``relative_terms`` (applies a
+  position's content-dependent relative scores and values), ``incremental_decoding``
+  (decoding with its state equals a full forward; the kit checks it), ``cross_attention``.
+- position provides ``input_embedding``, ``qk_transform``, ``score_bias`` or
+  ``relative_terms`` and requires the matching flag from the attention.
+- block provides ``cross_attention`` when it can hold one (decoders of encoder–decoders).
+- objective provides its architecture (``decoder``, ``encoder``, ``encoder_decoder``) and
+  the name of the batch format it consumes (``causal_lm``, ``classification``, ``seq2seq``);
+  each layer's self-attention must then provide ``causal`` (decoder) or ``bidirectional``
+  (encoder).
 - data requires that batch format from the objective.
 """
 

@@ -50,6 +50,13 @@ class ModelPlan:
         """The resolved plan as plain data: stack → one {slot: component name} per layer."""
         return {stack: [layer.describe() for layer in layers] for stack, layers in self.stacks.items()}
 
+    def table(self) -> str:
+        """One line per layer, for the console: ``decoder 0  attention=local ffn=mlp block=standard``."""
+        return "\n".join(
+            f"  {layer.stack} {layer.index:<3d}" + " ".join(f"{slot}={name}" for slot, name in layer.describe().items())
+            for layer in self.layers()
+        )
+
     def layers(self) -> list[LayerSpec]:
         return [layer for layers in self.stacks.values() for layer in layers]
 
