@@ -5,11 +5,13 @@ padded as ``context_mask`` says)."""
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from plugformer.attention import Attention
 from plugformer.registry import Component
 from plugformer.testing._support import (
     Outputs,
@@ -35,14 +37,26 @@ def check_cross_attention(
     sizes: Sizes | None = None,
     allow_zero_grad: Collection[str] = (),
 ) -> None:
-    """Build the attention as the cross-attention of a decoder (``ctx.cross``) and check it;
-    raise AssertionError naming the first check that fails. See docs/testing.md."""
+    """Build the attention as the cross-attention of a decoder (``ctx.cross``) and check it,
+    then (on :class:`plugformer.Attention`) again with one key/value head; raise
+    AssertionError naming the first check that fails. See docs/testing.md."""
     config = config if config is not None else component.config()
     sizes = sizes or Sizes()
     limit = component.capabilities_for(config).max_length
     ctx = sizes.context(causal=True, limit=limit, cross=True, encoder_layers=sizes.n_layers)
     subject = Subject(component, config, ctx, dtype=dtype, setting="cross-attention", allow_zero_grad=allow_zero_grad)
     CrossChecks(subject, sizes, sizes.length_for(limit)).run()
+    if isinstance(subject.build(), Attention) and sizes.n_heads > 1:
+        # Multi-query: one key/value head over the context, the projected context cached as such.
+        subject = Subject(
+            component, config, replace(ctx, n_kv_heads=1), dtype=dtype,
+            setting=f"cross-attention, multi-query, n_kv_heads=1 of n_heads={sizes.n_heads}", allow_zero_grad=allow_zero_grad,
+        )
+        checks = CrossChecks(subject, sizes, sizes.length_for(limit))
+        checks.shape_and_dtype()
+        checks.context_mask_is_applied()
+        checks.batch_independence()
+        checks.state_is_reused()
 
 
 class CrossChecks:
