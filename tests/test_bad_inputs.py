@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FAST, run_cli
+from helpers import FAST, read_summary, run_cli
 from plugformer import ConfigError, bounds, check_bounds
 
 
@@ -144,3 +144,31 @@ def test_a_file_named_twice_or_through_a_symlink_counts_once(tmp_path: Path) -> 
     once = text_task(tmp_path / "other", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"))
     twice.prepare(), once.prepare()
     assert len(twice.splits["train"]) == len(once.splits["train"])
+
+
+# --- W&B online without credentials or network -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [
+        ({"WANDB_API_KEY": ""}, "no W&B API key"),
+        ({"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"}, "127.0.0.1:9 cannot be reached"),
+    ],
+)
+def test_online_wandb_that_cannot_work_falls_back_to_offline_quickly(tmp_path: Path, env: dict[str, str], reason: str) -> None:
+    import time
+
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    result = run_cli(
+        "train", "trainer.max_steps=4", "trainer.val_check_interval=4", "data.train_examples=256", "data.val_examples=32",
+        *FAST, f"run_dir={run_dir}",
+        env={"WANDB_MODE": "online", "HOME": str(tmp_path), "NETRC": str(tmp_path / "no-netrc"), **env},
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "W&B online logging is not possible" in result.stderr and reason in result.stderr
+    summary = read_summary(run_dir)
+    assert summary["status"] == "finished" and Path(summary["wandb_dir"]).name.startswith("offline-run-")
+    assert elapsed < 120, elapsed  # a blocked wandb.init retries for minutes
