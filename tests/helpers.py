@@ -38,3 +38,45 @@ def run_cli(*args: str, env: dict[str, str] | None = None, python: str | None = 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``python -m plugformer <args>`` in the background (stdout dropped, stderr piped)."""
+    inherited = {name: value for name, value in os.environ.items() if name != "HYDRA_FULL_ERROR"}
+    full_env = {**inherited, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "plugformer", *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=full_env, cwd=str(REPO),
+    )
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The global step saved in a checkpoint, or None while it is absent or unreadable."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+    except Exception:  # noqa: BLE001 - being written or not there yet
+        return None
+
+
+def metric_rows(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of a run's metrics.csv, as written (empty cells as "")."""
+    import csv
+
+    with open(run_dir / "metrics.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def row_identity(row: dict[str, str]) -> tuple[int, str]:
+    """(step, "val" or "train" or "test"): what a row is, whatever its column order."""
+    stage = next((name.split("/")[0] for name, value in row.items() if "/" in name and value != ""), "?")
+    return int(float(row["step"])), stage
+
+
+def same_rows(kept: list[dict[str, str]], now: list[dict[str, str]]) -> bool:
+    """Whether every row of ``kept`` is in ``now`` with the same non-empty values."""
+    def cells(row: dict[str, str]) -> frozenset[tuple[str, str]]:
+        return frozenset((k, v) for k, v in row.items() if v != "")
+    present = {cells(row) for row in now}
+    return all(cells(row) in present for row in kept)

@@ -1,20 +1,20 @@
-"""Kill a run with SIGKILL in the middle, resume it, and land where an uninterrupted run
-with the same seed lands."""
+"""Resuming runs: after a kill, after a finished run with more steps, after a failed resume.
+Nothing logged before the checkpoint is lost, a failed resume changes nothing, one process
+per run directory, and a run always ends with validation metrics at its last step."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
-import subprocess
-import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
-from helpers import FAST, REPO, read_summary, run_cli
+from helpers import FAST, checkpoint_step, metric_rows, read_summary, row_identity, run_cli, same_rows, start_cli
 
 pytestmark = pytest.mark.slow
 
@@ -25,19 +25,14 @@ SETTINGS = [
 ]
 
 
-def start(run_dir: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "plugformer", "train", *SETTINGS, f"run_dir={run_dir}", *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
-    )
+def start(run_dir: Path, *extra: str):
+    return start_cli("train", *SETTINGS, f"run_dir={run_dir}", *extra)
 
 
-def checkpoint_step(path: Path) -> int | None:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
-    except Exception:  # noqa: BLE001 - being written or not there yet
-        return None
+def assert_no_duplicate_rows(run_dir: Path) -> Counter:
+    identities = Counter(row_identity(row) for row in metric_rows(run_dir))
+    assert max(identities.values()) == 1, [key for key, n in identities.items() if n > 1]
+    return identities
 
 
 def test_killed_run_resumes_to_the_planned_step_and_matches(tmp_path: Path) -> None:
@@ -55,6 +50,8 @@ def test_killed_run_resumes_to_the_planned_step_and_matches(tmp_path: Path) -> N
     killed_at = checkpoint_step(last)
     assert killed_at is not None and 25 <= killed_at < STEPS, killed_at
     assert not (crashed / "summary.json").exists()
+    before = [row for row in metric_rows(crashed) if row_identity(row)[0] < killed_at]
+    assert any(stage == "val" for _, stage in map(row_identity, before))
 
     run_id = json.loads((crashed / "run.json").read_text())["run_id"]
     result = run_cli("train", f"resume={crashed}")
@@ -70,3 +67,123 @@ def test_killed_run_resumes_to_the_planned_step_and_matches(tmp_path: Path) -> N
     assert len(wandb_runs) == 2 and all(name.endswith(run_id) for name in wandb_runs)
     # The validation history before the crash survives in the resumed summary.
     assert resumed["best"]["val/loss"] <= resumed["metrics"]["val/loss"] + 1e-9
+    # metrics.csv: the rows logged before the checkpoint, unchanged, then every later step once.
+    assert same_rows(before, metric_rows(crashed))
+    identities = assert_no_duplicate_rows(crashed)
+    assert identities == Counter(row_identity(row) for row in metric_rows(reference))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 30-step run (validation every 20 steps, a test after fit), to copy from."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    result = run_cli("train", *SETTINGS, "trainer.max_steps=30", "test_after_fit=true", f"run_dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, symlinks=True)
+    return copy
+
+
+def test_a_run_ends_with_validation_at_its_last_step(finished_run: Path, tmp_path: Path) -> None:
+    """30 steps with validation every 20: the last step validates too, and test_after_fit's
+    test/* metrics join the final val/* ones in summary.json."""
+    summary = read_summary(finished_run)
+    assert summary["global_step"] == 30 and checkpoint_step(finished_run / "checkpoints" / "last.ckpt") == 30
+    assert {"val/loss", "test/loss"} <= set(summary["metrics"])
+    val_steps = [step for step, stage in map(row_identity, metric_rows(finished_run)) if stage == "val"]
+    assert val_steps == [19, 29]
+    result = run_cli("compare", str(finished_run), "--out", str(tmp_path / "cmp"))
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_finished_run_resumed_after_a_failed_resume_keeps_everything(finished_run: Path, tmp_path: Path) -> None:
+    run_dir = copy_run(finished_run, tmp_path)
+    files = {name: (run_dir / name).read_bytes() for name in ("summary.json", "config.yaml", "metrics.csv")}
+
+    failed = run_cli("train", f"resume={run_dir}", "trainer.max_steps=50", "+trainer.no_such_argument=1")
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    for name, content in files.items():
+        assert (run_dir / name).read_bytes() == content, f"a failed resume changed {name}"
+    assert json.loads((run_dir / "summary.failed-resume.json").read_text())["status"] == "failed"
+
+    result = run_cli("train", f"resume={run_dir}", "trainer.max_steps=50")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = read_summary(run_dir)
+    assert summary["status"] == "finished" and summary["global_step"] == 50
+    assert "max_steps: 50" in (run_dir / "config.yaml").read_text()
+    rows = metric_rows(run_dir)
+    old = [row for row in files["metrics.csv"].decode().splitlines()[1:]]
+    assert len(old) > 0 and same_rows(metric_rows(finished_run), rows)
+    identities = assert_no_duplicate_rows(run_dir)
+    assert sorted(step for step, stage in identities if stage == "val") == [19, 29, 39, 49]
+    assert sorted(step for step, stage in identities if stage == "train") == list(range(4, 50, 5))
+    run_id = summary["run_id"]
+    assert {p.name[-len(run_id):] for p in (run_dir / "wandb").glob("offline-run-*")} == {run_id}
+
+
+def test_resume_refuses_a_config_edited_by_hand(finished_run: Path, tmp_path: Path) -> None:
+    run_dir = copy_run(finished_run, tmp_path)
+    original = (run_dir / "config.yaml").read_text()
+    summary = (run_dir / "summary.json").read_bytes()
+    for edit, named in (
+        (("  attention:\n    bias: true\n    name: full", "  attention:\n    bias: true\n    name: linear"),
+         "attention: checkpoint has full, config.yaml has linear"),
+        (("n_layers: 1", "n_layers: 2"), "checkpoint absent"),
+    ):
+        assert original.count(edit[0]) == 1, edit[0]
+        edited = original.replace(edit[0], edit[1])
+        (run_dir / "config.yaml").write_text(edited)
+        result = run_cli("train", f"resume={run_dir}", "trainer.max_steps=40")
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert "no longer matches its checkpoint" in result.stderr and named in result.stderr
+        assert "Traceback" not in result.stderr
+        assert (run_dir / "config.yaml").read_text() == edited and (run_dir / "summary.json").read_bytes() == summary
+
+
+def test_resume_into_a_folder_that_is_not_a_run_writes_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "config.yaml").write_text("seed: 1\n")
+    for folder in (missing, empty, half):
+        before = sorted(p.name for p in folder.rglob("*")) if folder.exists() else None
+        result = run_cli("train", f"resume={folder}")
+        assert result.returncode == 2 and "not a run directory" in result.stderr, result.stderr[-2000:]
+        after = sorted(p.name for p in folder.rglob("*")) if folder.exists() else None
+        assert after == before, folder
+
+
+def test_one_process_per_run_directory(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    first = start(run_dir, "trainer.max_steps=100000", "trainer.val_check_interval=1000")
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and checkpoint_step(run_dir / "checkpoints" / "last.ckpt") is None:
+            assert first.poll() is None, first.stderr.read()[-3000:]
+            time.sleep(0.1)
+        hydra_record = (run_dir / ".hydra" / "config.yaml").read_bytes()
+        config = (run_dir / "config.yaml").read_bytes()
+        for second in (("train", *SETTINGS, f"run_dir={run_dir}"), ("train", f"resume={run_dir}")):
+            result = run_cli(*second)
+            assert result.returncode == 2, result.stderr[-3000:]
+            assert "is in use by" in result.stderr and f"pid {first.pid}" in result.stderr
+        assert first.poll() is None, "the running process was disturbed"
+        assert (run_dir / ".hydra" / "config.yaml").read_bytes() == hydra_record
+        assert (run_dir / "config.yaml").read_bytes() == config
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # The dead process's lock file is stale: a resume takes it over.
+    assert f'"pid": {first.pid}' in (run_dir / "run.lock").read_text()
+    step = checkpoint_step(run_dir / "checkpoints" / "last.ckpt")
+    result = run_cli("train", f"resume={run_dir}", f"trainer.max_steps={step + 5}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_summary(run_dir)["global_step"] == step + 5
+    assert not (run_dir / "run.lock").exists()
+    assert os.path.isdir(run_dir / "checkpoints")

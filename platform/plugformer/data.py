@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,20 +35,51 @@ def parameters_key(params: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+PARAMS_FILE = "plugformer_params.json"
+
+
 def cached_splits(cache_dir: Path, name: str, params: dict[str, Any], build: Callable[[], DatasetDict]) -> DatasetDict:
     """Load ``name``'s splits for ``params`` from ``cache_dir``, building and saving them first
     if absent. Safe when several processes ask at once (a file lock; the first one builds)
-    and when a build is killed (written to a temporary folder, then renamed)."""
+    and when a build is killed (written to a temporary folder, then renamed; the folders of
+    killed builds are removed by the next build of the same key). A cache that no longer
+    loads, or holds fewer rows than were saved (truncated or damaged files), is rebuilt."""
     root = Path(cache_dir) / name
     root.mkdir(parents=True, exist_ok=True)
     target = root / parameters_key(params)
     with FileLock(str(target) + ".lock"):
-        if not target.exists():
-            staging = root / f".{target.name}.{uuid.uuid4().hex}.tmp"
-            build().save_to_disk(str(staging))
-            (staging / "plugformer_params.json").write_text(json.dumps(params, sort_keys=True, default=str))
-            os.replace(staging, target)
+        for orphan in root.glob(f".{target.name}.*.tmp"):
+            shutil.rmtree(orphan, ignore_errors=True)
+        if target.exists():
+            problem = _cache_problem(target)
+            if problem is None:
+                return load_from_disk(str(target))
+            warnings.warn(f"plugformer: the dataset cache {target} is damaged ({problem}); rebuilding it.", stacklevel=2)
+            broken = root / f".{target.name}.{uuid.uuid4().hex}.tmp"
+            os.replace(target, broken)
+            shutil.rmtree(broken, ignore_errors=True)
+        staging = root / f".{target.name}.{uuid.uuid4().hex}.tmp"
+        splits = build()
+        splits.save_to_disk(str(staging))
+        record = {"params": params, "num_rows": {split: splits[split].num_rows for split in splits}}
+        (staging / PARAMS_FILE).write_text(json.dumps(record, sort_keys=True, default=str))
+        os.replace(staging, target)
     return load_from_disk(str(target))
+
+
+def _cache_problem(target: Path) -> str | None:
+    """Why the cached splits in ``target`` cannot be used, or None when they load completely."""
+    try:
+        record = json.loads((target / PARAMS_FILE).read_text())
+        splits = load_from_disk(str(target))
+        for split, rows in (record.get("num_rows") or {}).items():
+            if splits[split].num_rows != rows:
+                return f"split {split!r} has {splits[split].num_rows} rows, {rows} were saved"
+            for column in splits[split].column_names:
+                splits[split].data.column(column)  # reads every chunk's buffers
+        return None
+    except Exception as error:  # noqa: BLE001 - whatever fails to load is damage
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
 def pad_sequences(sequences: list[Tensor], value: int) -> Tensor:

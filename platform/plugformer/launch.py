@@ -21,7 +21,8 @@ from plugformer.config import store_core_configs
 from plugformer.errors import PlugformerError, full_tracebacks_requested, report_user_error
 from plugformer.overrides import check_group_choices
 from plugformer.plugins import Plugins, load_plugins
-from plugformer.resume import plan_run, write_run_id
+from plugformer.resume import check_run_directory, plan_run, write_run_id
+from plugformer.runlock import locked
 from plugformer.training.run import CONFIG_FILE, train
 
 CONFIG_PACKAGE = "pkg://plugformer.conf"
@@ -39,10 +40,13 @@ def run_from_config(cfg: DictConfig, plugins: Plugins) -> dict[str, Any]:
     cfg, run_dir = plan.cfg, plan.run_dir
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
-    if rank_zero_only.rank == 0:
-        (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        write_run_id(run_dir, plan.run_id)
-    summary = train(cfg, plugins, run_dir, run_id=plan.run_id, ckpt_path=plan.ckpt_path)
+    # Only the process that writes the run directory locks it (DDP ranks share it by design).
+    with locked(run_dir if rank_zero_only.rank == 0 else None):
+        if rank_zero_only.rank == 0:
+            if plan.ckpt_path is None:  # a resume saves its config once training has started
+                (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            write_run_id(run_dir, plan.run_id)
+        summary = train(cfg, plugins, run_dir, run_id=plan.run_id, ckpt_path=plan.ckpt_path, checkpoint=plan.checkpoint)
     if rank_zero_only.rank == 0:
         _report(summary)
     return summary
@@ -99,7 +103,8 @@ def launch_training(overrides: list[str]) -> int:
 
     sys.argv = [original_argv[0], *_with_shared_run_dir(_with_resume_dir(overrides))]
     try:
-        hydra_task()
+        with locked(_known_run_dir(overrides)):
+            hydra_task()
     finally:
         sys.argv = original_argv
     if rejected:
@@ -107,13 +112,30 @@ def launch_training(overrides: list[str]) -> int:
     return 0
 
 
+def _known_run_dir(overrides: list[str]) -> Path | None:
+    """The run directory, when the command line names it literally (``resume=``, ``run_dir=``),
+    for rank 0 of a single run: it is locked before Hydra writes anything into it."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0 or any(o in ("-m", "--multirun") or o.startswith("hydra.mode=") for o in overrides):
+        return None
+    for key in ("resume=", "run_dir="):
+        values = [o.split("=", 1)[1] for o in overrides if o.startswith(key)]
+        if values and values[-1] not in ("", "null") and "${" not in values[-1]:
+            return Path(values[-1]).expanduser().resolve()
+    return None
+
+
 def _with_resume_dir(overrides: list[str]) -> list[str]:
     """With ``resume=<dir>``, Hydra's output folder is that run's folder (its own config is
-    kept in .hydra/resume), so a resumed run adds no stray run directory."""
+    kept in .hydra/resume), so a resumed run adds no stray run directory. A folder that is
+    not a run directory is refused here, before Hydra writes anything into it."""
     resume = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
-    if not resume or any(o.startswith("hydra.run.dir=") for o in overrides):
+    if not resume or resume[-1] in ("", "null"):
         return overrides
-    run_dir = Path(resume[-1]).expanduser().resolve()
+    run_dir = check_run_directory(resume[-1])
+    if any(o.startswith("hydra.run.dir=") for o in overrides):
+        return overrides
     return [*overrides, f"hydra.run.dir={run_dir}", "hydra.output_subdir=.hydra/resume"]
 
 

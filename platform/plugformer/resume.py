@@ -1,13 +1,19 @@
 """``resume=<run dir>``: continue a run from its last checkpoint, with its saved config,
-global step, learning-rate schedule and W&B run id."""
+global step, learning-rate schedule and W&B run id.
+
+Before anything is written, a resume checks that the folder is a run directory, that the
+chosen checkpoint (``resume_checkpoint=last|best|<file>``) can be read, and (once the model
+is built) that the saved config still builds the model the checkpoint holds.
+"""
 
 from __future__ import annotations
 
 import json
 import secrets
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -15,7 +21,20 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from plugformer.errors import ConfigError
 
 RUN_FILE = "run.json"
-LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+CHECKPOINT_DIR = Path("checkpoints")
+LAST_CHECKPOINT = CHECKPOINT_DIR / "last.ckpt"
+# The key under which a checkpoint records what the run was composed of (see callbacks.RunRecord).
+RECORD_KEY = "plugformer"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a resume needs to know about a checkpoint before restoring it."""
+
+    path: Path
+    global_step: int
+    components: dict[str, str] | None
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -26,6 +45,7 @@ class RunPlan:
     run_dir: Path
     run_id: str
     ckpt_path: str | None
+    checkpoint: CheckpointInfo | None = None
 
 
 def new_run_id() -> str:
@@ -48,7 +68,7 @@ def write_run_id(run_dir: Path, run_id: str) -> None:
 def _value_overrides() -> list[str]:
     """The command line's ``key=value`` overrides other than ``resume``; group choices
     (``model/attention=...``) cannot change a run that already started."""
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "resume_checkpoint="))]
     groups = [o for o in overrides if "/" in o.split("=", 1)[0] or o.split("=", 1)[0].lstrip("+~") in _GROUPS]
     if groups:
         raise ConfigError(
@@ -62,21 +82,76 @@ def _value_overrides() -> list[str]:
 _GROUPS = {"model", "objective", "data", "optim", "trainer", "logger", "callbacks", "paths", "experiment", "debug"}
 
 
+def check_run_directory(resume: str) -> Path:
+    """The resolved run directory named by ``resume=``; raises :class:`ConfigError` (and
+    writes nothing) when it is not one."""
+    run_dir = Path(resume).expanduser().resolve()
+    config_file = run_dir / "config.yaml"
+    checkpoints = sorted((run_dir / CHECKPOINT_DIR).glob("*.ckpt")) if run_dir.is_dir() else []
+    if not config_file.is_file() or not checkpoints:
+        raise ConfigError(
+            f"resume={resume} is not a run directory with a last checkpoint.",
+            expected=f"{config_file} and {run_dir / LAST_CHECKPOINT}",
+            fix="pass the run directory that a previous `plugformer train` printed",
+        )
+    return run_dir
+
+
+def read_checkpoint(path: Path) -> CheckpointInfo:
+    """Open a checkpoint without loading its tensors (memory-mapped); raises on a file that
+    is truncated or not a checkpoint."""
+    import torch
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    record = checkpoint.get(RECORD_KEY) or {}
+    shapes = {name: tuple(value.shape) for name, value in checkpoint.get("state_dict", {}).items() if hasattr(value, "shape")}
+    return CheckpointInfo(Path(path), int(checkpoint["global_step"]), record.get("components"), shapes)
+
+
+def _try_read(path: Path) -> tuple[CheckpointInfo | None, str | None]:
+    try:
+        return read_checkpoint(path), None
+    except Exception as error:  # noqa: BLE001 - any failure to read means "unusable"
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def _checkpoint_choice(run_dir: Path, choice: str) -> Path:
+    if choice in ("last", "best"):
+        return run_dir / CHECKPOINT_DIR / f"{choice}.ckpt"
+    path = Path(choice).expanduser()
+    return path if path.is_absolute() else (run_dir / CHECKPOINT_DIR / path)
+
+
+def choose_checkpoint(run_dir: Path, choice: str = "last") -> CheckpointInfo:
+    """The checkpoint ``resume_checkpoint=`` names, read and checked; a missing or unreadable
+    one raises :class:`ConfigError` naming the file and the checkpoints that do load."""
+    path = _checkpoint_choice(run_dir, choice)
+    info, problem = _try_read(path) if path.is_file() else (None, "the file does not exist")
+    if info is not None:
+        return info
+    usable = []
+    for other in sorted((run_dir / CHECKPOINT_DIR).glob("*.ckpt")):
+        if other.resolve() != path.resolve():
+            other_info, _ = _try_read(other)
+            if other_info is not None:
+                name = other.stem if other.stem in ("last", "best") else other.name
+                usable.append(f"resume_checkpoint={name} (step {other_info.global_step})")
+    fix = f"resume from another checkpoint: {' or '.join(usable)}" if usable else "start a new run; no checkpoint of this run can be read"
+    raise ConfigError(
+        f"Cannot resume from {path}: it is corrupt, truncated or missing ({problem}).",
+        expected="a checkpoint written by plugformer train",
+        fix=fix + f"; or move {path.name} away",
+    )
+
+
 def plan_run(cfg: DictConfig, output_dir: Path) -> RunPlan:
     """A fresh run in Hydra's output folder, or the resumed run named by ``cfg.resume``."""
     if not cfg.get("resume"):
         run_id = read_run_id(output_dir) or new_run_id()
         return RunPlan(cfg, output_dir, run_id, None)
-    run_dir = Path(str(cfg.resume)).expanduser().resolve()
-    config_file = run_dir / "config.yaml"
-    checkpoint = run_dir / LAST_CHECKPOINT
-    if not config_file.is_file() or not checkpoint.is_file():
-        raise ConfigError(
-            f"resume={cfg.resume} is not a run directory with a last checkpoint.",
-            expected=f"{config_file} and {checkpoint}",
-            fix="pass the run directory that a previous `plugformer train` printed",
-        )
-    saved = OmegaConf.load(config_file)
+    run_dir = check_run_directory(str(cfg.resume))
+    checkpoint = choose_checkpoint(run_dir, str(cfg.get("resume_checkpoint") or "last"))
+    saved = OmegaConf.load(run_dir / "config.yaml")
     overrides = _value_overrides()
     if overrides:
         saved = OmegaConf.merge(saved, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
@@ -84,4 +159,28 @@ def plan_run(cfg: DictConfig, output_dir: Path) -> RunPlan:
         saved.resume = str(run_dir)
         saved.run_dir = str(run_dir)
     run_id = read_run_id(run_dir) or new_run_id()
-    return RunPlan(saved, run_dir, run_id, str(checkpoint))
+    return RunPlan(saved, run_dir, run_id, str(checkpoint.path), checkpoint)
+
+
+def check_matches_checkpoint(checkpoint: CheckpointInfo, components: dict[str, str], state: dict[str, Any]) -> None:
+    """Refuse a resume whose config builds something else than the checkpoint holds (a
+    config.yaml edited by hand): different components, or parameters of other names or shapes."""
+    differences = []
+    if checkpoint.components is not None:
+        for kind in sorted(set(checkpoint.components) | set(components)):
+            saved, now = checkpoint.components.get(kind), components.get(kind)
+            if saved != now:
+                differences.append(f"{kind}: checkpoint has {saved}, config.yaml has {now}")
+    shapes = {name: tuple(value.shape) for name, value in state.items() if hasattr(value, "shape")}
+    if checkpoint.shapes:
+        for name in sorted(set(checkpoint.shapes) | set(shapes)):
+            saved_shape, shape = checkpoint.shapes.get(name), shapes.get(name)
+            if saved_shape != shape:
+                differences.append(f"{name}: checkpoint {saved_shape or 'absent'}, config.yaml builds {shape or 'absent'}")
+    if differences:
+        shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more" if len(differences) > 6 else "")
+        raise ConfigError(
+            f"The run's config.yaml no longer matches its checkpoint {checkpoint.path}: {shown}.",
+            expected="config.yaml as the run wrote it (change sizes or components in a new run)",
+            fix="undo the edit of config.yaml, or start a new run with the new composition",
+        )

@@ -88,3 +88,43 @@ def final_metrics(trainer: pl.Trainer) -> dict[str, float]:
     """The last value of every logged scalar metric, by name."""
     values = {name: _scalar(v) for name, v in trainer.callback_metrics.items()}
     return {name: v for name, v in sorted(values.items()) if v is not None}
+
+
+class RunRecord(pl.Callback):
+    """Records what the run is composed of in every checkpoint (``checkpoint["plugformer"]``),
+    so that a resume can refuse a config that no longer builds the same model."""
+
+    def __init__(self, components: dict[str, str]) -> None:
+        self.components = dict(components)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["plugformer"] = {"components": self.components}
+
+
+class ValidateAtLastStep(pl.Callback):
+    """Makes the last training step a validation step: a run always ends with validation
+    metrics (and a last checkpoint) at its final step, whatever ``val_check_interval`` is.
+
+    Setting ``should_stop`` at the final step is Lightning's documented way (early stopping
+    uses it) to have the epoch loop validate before it stops."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        last_step = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
+        last_epoch = trainer.max_steps in (None, -1) and trainer.max_epochs is not None and trainer.max_epochs > 0 \
+            and trainer.current_epoch >= trainer.max_epochs - 1 and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if last_step or last_epoch:
+            trainer.should_stop = True
+
+
+class OnTrainStart(pl.Callback):
+    """Calls ``action`` once, on rank 0, when training has started (after a checkpoint was
+    restored): what a resume may only change once it is known to work."""
+
+    def __init__(self, action: Any) -> None:
+        self.action = action
+        self.started = False
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.started = True
+        if trainer.is_global_zero:
+            self.action()

@@ -1,19 +1,35 @@
 """Checkpoints and files written atomically: a kill mid-write never leaves a corrupt file
-under the final name, because the bytes go to a temporary file that is renamed at the end."""
+under the final name, because the bytes go to a temporary file that is renamed at the end.
+
+A kill leaves at most the temporary file (``.<name>.<random>.tmp``), which
+:func:`remove_orphan_temporaries` deletes when the next run in that directory starts. A full
+disk ends the run with one message; the previous file under the final name is untouched.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from plugformer.errors import PlugformerError
 
-def _replace_atomically(path: Path, write: Any) -> None:
+
+class DiskFullError(PlugformerError):
+    """The disk filled up while a file of the run was written."""
+
+
+def replace_atomically(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Write ``path`` through ``write(handle)`` to a temporary file in the same folder, then
+    rename it over ``path``. On any failure the temporary file is removed and ``path`` keeps
+    its previous content; a full disk raises :class:`DiskFullError`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -22,17 +38,46 @@ def _replace_atomically(path: Path, write: Any) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        full = _disk_full_error(error)
+        if full is not None:
+            previous = f"the previous {path.name} is intact" if path.exists() else f"no earlier {path.name} exists"
+            raise DiskFullError(
+                f"The disk is full: writing {path} failed ({full.strerror}); {previous}.",
+                expected=f"free space in {path.parent}",
+                fix="free some space (or point paths.runs_dir elsewhere), then resume=<run dir>",
+            ) from error
         raise
 
 
+def _disk_full_error(error: BaseException | None) -> OSError | None:
+    """The ENOSPC/EDQUOT error behind ``error`` (torch.save reports a failed write as a
+    RuntimeError whose context is the OSError), or None."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def write_json_atomically(path: Path, data: Any) -> None:
-    _replace_atomically(Path(path), lambda handle: handle.write((json.dumps(data, indent=2, default=str) + "\n").encode()))
+    replace_atomically(Path(path), lambda handle: handle.write((json.dumps(data, indent=2, default=str) + "\n").encode()))
+
+
+def remove_orphan_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files that killed atomic writes left in ``folder`` (call only
+    while holding the run's lock: nobody else writes there). Returns what was removed."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint I/O with a write-then-rename save."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        _replace_atomically(Path(path), lambda handle: torch.save(checkpoint, handle))
+        replace_atomically(Path(path), lambda handle: torch.save(checkpoint, handle))

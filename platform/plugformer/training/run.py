@@ -3,6 +3,7 @@ model, train with Lightning, and always leave a summary behind."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import traceback
@@ -21,12 +22,17 @@ from plugformer.config import optim_config
 from plugformer.errors import ConfigError, PluginError
 from plugformer.model.builder import build_model, choose_components, chosen_techniques
 from plugformer.plugins import Plugins, blame_component, call_hook
-from plugformer.training.callbacks import MetricHistory, ThroughputMonitor, final_metrics
-from plugformer.training.checkpointing import AtomicCheckpointIO, write_json_atomically
+from plugformer.resume import CheckpointInfo, check_matches_checkpoint, read_checkpoint
+from plugformer.training.callbacks import MetricHistory, OnTrainStart, RunRecord, ThroughputMonitor, ValidateAtLastStep, final_metrics
+from plugformer.training.checkpointing import (
+    AtomicCheckpointIO, remove_orphan_temporaries, replace_atomically, write_json_atomically,
+)
 from plugformer.training.module import TrainingModule
 from plugformer.training.tracking import build_loggers, wandb_run_dir
 
 SUMMARY_FILE = "summary.json"
+# Where a resume that failed writes its summary when summary.json holds a finished run.
+FAILED_RESUME_SUMMARY_FILE = "summary.failed-resume.json"
 CONFIG_FILE = "config.yaml"
 
 
@@ -45,6 +51,9 @@ class RunState:
     history: MetricHistory | None = None
     throughput: ThroughputMonitor | None = None
     loggers: list[Any] = field(default_factory=list)
+    resumed: bool = False
+    # The metrics at the end of fit, kept when test_after_fit replaces Lightning's (val/* included).
+    fit_metrics: dict[str, float] = field(default_factory=dict)
     hook_failure: Exception | None = None  # a run_summary hook that failed
 
 
@@ -114,13 +123,16 @@ def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list[Any], callbacks:
         ) from None
 
 
-def train(cfg: DictConfig, plugins: Plugins, run_dir: Path, *, run_id: str, ckpt_path: str | None = None) -> dict[str, Any]:
+def train(
+    cfg: DictConfig, plugins: Plugins, run_dir: Path, *, run_id: str, ckpt_path: str | None = None,
+    checkpoint: CheckpointInfo | None = None,
+) -> dict[str, Any]:
     """Train one run into ``run_dir``; returns the summary (also written, on rank 0, to
     ``run_dir/summary.json`` whether the run finished or failed)."""
-    state = RunState(run_dir=run_dir, cfg=cfg, run_id=run_id)
+    state = RunState(run_dir=run_dir, cfg=cfg, run_id=run_id, resumed=ckpt_path is not None)
     status, error = "failed", None
     try:
-        _train(state, plugins, ckpt_path)
+        _train(state, plugins, ckpt_path, checkpoint)
         status = "finished"
     except BaseException as failure:
         named = blame_component(failure, plugins.registry)  # a component's code raised: name its plugin
@@ -139,8 +151,14 @@ def train(cfg: DictConfig, plugins: Plugins, run_dir: Path, *, run_id: str, ckpt
     return summary
 
 
-def _train(state: RunState, plugins: Plugins, ckpt_path: str | None) -> None:
+def _train(state: RunState, plugins: Plugins, ckpt_path: str | None, checkpoint: CheckpointInfo | None = None) -> None:
+    """A resume (``ckpt_path``) writes the run's config.yaml only once training has started."""
     cfg, run_dir = state.cfg, state.run_dir
+    if rank_zero_only.rank == 0:  # the run's lock is held: nobody else writes here
+        remove_orphan_temporaries(run_dir)
+        remove_orphan_temporaries(run_dir / "checkpoints")
+    if ckpt_path is not None and checkpoint is None:
+        checkpoint = read_checkpoint(Path(ckpt_path))
     registry = plugins.registry
     chosen = choose_components(cfg, registry)
     state.components = {kind: c.name for kind, c in chosen.items()}
@@ -161,12 +179,21 @@ def _train(state: RunState, plugins: Plugins, ckpt_path: str | None) -> None:
     tags = component_tags(chosen, techniques) + list(cfg.get("tags") or [])
     for _, contributed in call_hook(hooks, "tracking_tags", expect=list, items=str, cfg=cfg):
         tags.extend(contributed)
-    state.loggers = build_loggers(cfg, run_dir, tags=tags, job_type=chosen["objective"].name, run_id=state.run_id)
+    if checkpoint is not None:
+        check_matches_checkpoint(checkpoint, state.components, state.module.state_dict())
+    state.loggers = build_loggers(
+        cfg, run_dir, tags=tags, job_type=chosen["objective"].name, run_id=state.run_id,
+        resume_step=checkpoint.global_step if checkpoint is not None else None,
+    )
     callbacks, state.history, state.throughput = build_callbacks(cfg, run_dir, hooks)
+    callbacks += [RunRecord(state.components), ValidateAtLastStep()]
+    if ckpt_path is not None:
+        callbacks.append(OnTrainStart(lambda: _write_config(run_dir, cfg)))
     state.trainer = build_trainer(cfg, run_dir, state.loggers, callbacks)
     for logger in state.loggers:
         logger.log_hyperparams({"model/params": state.params})
     state.trainer.fit(state.module, datamodule=data, ckpt_path=ckpt_path)
+    state.fit_metrics = final_metrics(state.trainer)
     if cfg.get("test_after_fit"):
         state.trainer.test(state.module, datamodule=data, ckpt_path="best" if state.trainer.checkpoint_callback else None)
 
@@ -175,7 +202,7 @@ def _finish(state: RunState, plugins: Plugins, status: str, error: str | None) -
     summary = build_summary(state, plugins, status, error)
     if rank_zero_only.rank != 0:
         return summary
-    write_json_atomically(state.run_dir / SUMMARY_FILE, summary)
+    write_json_atomically(_summary_path(state, status), summary)
     for logger in state.loggers:
         if type(logger).__name__ == "WandbLogger":
             experiment = logger.experiment
@@ -186,9 +213,28 @@ def _finish(state: RunState, plugins: Plugins, status: str, error: str | None) -
     return summary
 
 
+def _write_config(run_dir: Path, cfg: DictConfig) -> None:
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    replace_atomically(run_dir / CONFIG_FILE, lambda handle: handle.write(text.encode()))
+
+
+def _summary_path(state: RunState, status: str) -> Path:
+    """summary.json, except for a failed resume of a run whose summary.json says it finished:
+    that good summary is kept, and the failure goes next to it."""
+    path = state.run_dir / SUMMARY_FILE
+    if status != "finished" and state.resumed:
+        try:
+            finished = json.loads(path.read_text()).get("status") == "finished"
+        except (OSError, ValueError, AttributeError):
+            finished = False
+        if finished:
+            return state.run_dir / FAILED_RESUME_SUMMARY_FILE
+    return path
+
+
 def build_summary(state: RunState, plugins: Plugins, status: str, error: str | None) -> dict[str, Any]:
     trainer = state.trainer
-    metrics = final_metrics(trainer) if trainer is not None else {}
+    metrics = {**state.fit_metrics, **(final_metrics(trainer) if trainer is not None else {})}
     best = state.history.best if state.history is not None else {}
     extra: dict[str, Any] = {}
     if trainer is not None and state.module is not None and rank_zero_only.rank == 0:

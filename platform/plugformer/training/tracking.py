@@ -7,11 +7,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from plugformer.errors import ConfigError
-from plugformer.training.wandb_online import choose_online
+from plugformer.training.metrics_csv import PersistentCSVLogger
 
 
 def wandb_offline(options: DictConfig) -> bool:
@@ -22,9 +22,11 @@ def wandb_offline(options: DictConfig) -> bool:
 
 
 def build_loggers(
-    cfg: DictConfig, run_dir: Path, *, tags: list[str], job_type: str, run_id: str
+    cfg: DictConfig, run_dir: Path, *, tags: list[str], job_type: str, run_id: str, resume_step: int | None = None
 ) -> list[Logger]:
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    """metrics.csv always, plus the chosen trackers. ``resume_step``: the global step of the
+    checkpoint a resume starts from; metrics.csv keeps the rows logged before it."""
+    loggers: list[Logger] = [PersistentCSVLogger(save_dir=str(run_dir), keep_before_step=resume_step)]
     chosen = cfg.get("logger") or {}
     unknown = set(chosen) - {"wandb", "tensorboard"}
     if unknown:
@@ -43,7 +45,7 @@ def build_loggers(
 def _wandb_logger(cfg: DictConfig, options: DictConfig, run_dir: Path, *, tags: list[str], job_type: str, run_id: str) -> Logger:
     from lightning.pytorch.loggers import WandbLogger
 
-    offline = wandb_offline(options) or not choose_online()  # never blocks: falls back to offline
+    offline = wandb_offline(options)
     if offline:
         os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
