@@ -84,6 +84,7 @@ def test_unknown_experiment_in_a_sweep_is_refused_before_any_job(tmp_path: Path)
         (["model.n_heads=-2", "model.dropout=1.5"], ["model.n_heads=-2", "model.dropout=1.5: expected a number in [0, 1)"]),
         (["model/attention=local", "model.attention.window=0"], ["model.attention.window=0: expected an integer ≥ 1", "window=64 (the default)"]),
         (["data.batch_size=0"], ["data.batch_size=0: expected an integer ≥ 1"]),
+        (["trainer.max_steps=-5", "trainer.val_check_interval=0"], ["trainer.max_steps=-5: expected an integer ≥ -1", "trainer.val_check_interval=0"]),
     ],
 )
 def test_out_of_range_sizes_and_rates_fail_before_training(tmp_path: Path, overrides: list[str], needles: list[str]) -> None:

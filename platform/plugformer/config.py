@@ -87,11 +87,29 @@ def optim_config(cfg: DictConfig) -> OptimConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OptimConfig), cfg.optim))
 
 
+@dataclass
+class TrainerBounds:
+    """Ranges of the common Lightning Trainer arguments (``trainer.*`` passes through to
+    Lightning untyped); checked early so a bad value is not a traceback minutes later."""
+
+    max_steps: Optional[int] = field(default=None, metadata=bounds(ge=-1))
+    max_epochs: Optional[int] = field(default=None, metadata=bounds(ge=-1))
+    val_check_interval: Optional[float] = field(default=None, metadata=bounds(gt=0))
+    check_val_every_n_epoch: Optional[int] = field(default=None, metadata=bounds(ge=1))
+    log_every_n_steps: Optional[int] = field(default=None, metadata=bounds(ge=1))
+    accumulate_grad_batches: Optional[int] = field(default=None, metadata=bounds(ge=1))
+    gradient_clip_val: Optional[float] = field(default=None, metadata=bounds(ge=0))
+    limit_train_batches: Optional[float] = field(default=None, metadata=bounds(ge=0))
+    limit_val_batches: Optional[float] = field(default=None, metadata=bounds(ge=0))
+    overfit_batches: Optional[float] = field(default=None, metadata=bounds(ge=0))
+    num_sanity_val_steps: Optional[int] = field(default=None, metadata=bounds(ge=-1))
+
+
 def check_core_config(cfg: DictConfig) -> None:
-    """Reject model sizes and optimizer settings outside their declared bounds, in one
-    :class:`plugformer.ConfigError`, before any data or model is built."""
+    """Reject model sizes, optimizer settings and common Trainer arguments outside their
+    declared bounds, in one :class:`plugformer.ConfigError`, before any data or model is built."""
     errors: list[ConfigError] = []
-    for schema, path in ((ModelConfig, "model"), (OptimConfig, "optim")):
+    for schema, path in ((ModelConfig, "model"), (OptimConfig, "optim"), (TrainerBounds, "trainer")):
         node = OmegaConf.to_container(cfg[path], resolve=True) if cfg.get(path) is not None else {}
         bounded = {f.name: node[f.name] for f in fields(schema) if METADATA_KEY in f.metadata and f.name in node}
         try:
