@@ -64,7 +64,7 @@ def test_listops_examples_respect_the_generator_contract(tmp_path: Path) -> None
     task.prepare()
     examples = all_examples(task)
     assert len(examples) == 400
-    assert task.num_classes == 10 and task.vocab_size == len(listops.VOCAB) and task.max_length == 40
+    assert task.facts == {"num_classes": 10} and task.vocab_size == len(listops.VOCAB) and task.max_length == 40
     for ids, label in examples:
         assert ids[0] == CLS_ID
         assert 8 < len(ids) - 1 < 40  # strictly inside the window, CLS not counted

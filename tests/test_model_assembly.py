@@ -139,8 +139,11 @@ def test_greedy_decoding_with_state_equals_decoding_without(attention: str) -> N
     assert torch.equal(fast, tokens[:, 7:])
 
 
-def test_left_padded_prompts_decode_as_if_alone() -> None:
-    b = built("model/position=rope")
+@pytest.mark.parametrize("attention", ["full", "local", "linear"])
+def test_left_padded_prompts_decode_as_if_alone(attention: str) -> None:
+    """Per-example positions and masks in the cache (sliding window + padding + cache
+    crashed in flash-linear-attention #431)."""
+    b = built("model/position=rope", f"model/attention={attention}", "model.n_layers=2", *(["model.attention.window=3"] if attention == "local" else []))
     model = b.model.eval()
     short, long = torch.randint(0, b.data.vocab_size, (1, 4)), torch.randint(0, b.data.vocab_size, (1, 7))
     padded = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])

@@ -334,4 +334,5 @@ class _ContextCache(AttentionState):
             self.keys, self.values = self.keys.detach(), self.values.detach()
 
     def reset(self, rows: Tensor) -> None:
+        # The context is per sequence: drop it whole; the next call projects ``context=`` again.
         self.keys = self.values = self.mask = self.positions = None

@@ -2,7 +2,7 @@
 module over a ``datasets.DatasetDict`` with padding collation.
 
 A task subclasses :class:`CachedDatasetTask`, implements :meth:`cache_key` and
-:meth:`build_splits`, and sets ``vocab_size``/``max_length`` (and ``num_classes``) in
+:meth:`build_splits`, and sets ``vocab_size``/``max_length`` in
 :meth:`describe`.
 """
 
@@ -113,7 +113,8 @@ class CachedDatasetTask(DataTask):
         raise NotImplementedError
 
     def describe(self, splits: DatasetDict) -> None:
-        """Set ``vocab_size``, ``max_length`` and ``num_classes`` from the built splits."""
+        """Set ``vocab_size`` and ``max_length`` from the built splits (task facts for the
+        objective go in the ``facts`` property)."""
         raise NotImplementedError
 
     # --- the DataTask contract --------------------------------------------------------

@@ -14,13 +14,13 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from plugformer.compatibility import Chosen, check_requirements
-from plugformer.components import DataContext
+from plugformer.api import build
+from plugformer.compatibility import Chosen
 from plugformer.config import optim_config
 from plugformer.errors import ConfigError, PluginError
-from plugformer.model.builder import build_model, choose_components, chosen_techniques
+from plugformer.model.builder import choose_components, chosen_techniques
 from plugformer.plugins import Plugins, blame_component, call_hook
 from plugformer.resume import CheckpointInfo, check_matches_checkpoint, read_checkpoint
 from plugformer.training.callbacks import MetricHistory, OnTrainStart, RunRecord, ThroughputMonitor, ValidateAtLastStep, final_metrics
@@ -45,20 +45,24 @@ class RunState:
     run_id: str
     started: float = field(default_factory=time.time)
     components: dict[str, str] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)
     params: int | None = None
     trainer: pl.Trainer | None = None
     module: TrainingModule | None = None
     history: MetricHistory | None = None
     throughput: ThroughputMonitor | None = None
     loggers: list[Any] = field(default_factory=list)
+    hook_failure: Exception | None = None  # a run_summary hook that failed
     resumed: bool = False
     # The metrics at the end of fit, kept when test_after_fit replaces Lightning's (val/* included).
     fit_metrics: dict[str, float] = field(default_factory=dict)
-    hook_failure: Exception | None = None  # a run_summary hook that failed
 
 
-def component_tags(chosen: dict[str, Chosen], techniques: dict[str, Chosen]) -> list[str]:
+def component_tags(chosen: dict[str, Chosen], techniques: dict[str, Chosen], layers: dict[str, Any]) -> list[str]:
+    """``kind:name`` for every chosen component and every component a layer plan adds."""
     tags = [f"{kind}:{c.name}" for kind, c in chosen.items()]
+    planned = [f"{slot}:{name}" for stack in layers.values() for layer in stack for slot, name in layer.items()]
+    tags += [tag for tag in dict.fromkeys(planned) if tag not in tags]
     return tags + [f"technique:{name}" for name in techniques]
 
 
@@ -162,21 +166,22 @@ def _train(state: RunState, plugins: Plugins, ckpt_path: str | None, checkpoint:
     registry = plugins.registry
     chosen = choose_components(cfg, registry)
     state.components = {kind: c.name for kind, c in chosen.items()}
-    check_requirements(chosen, registry)
+    built = build(cfg, plugins=plugins, run_dir=run_dir, chosen=chosen)
+    state.plan = built.plan.describe()
+    with open_dict(cfg):
+        cfg.resolved_layers = state.plan  # shown in config.yaml and the W&B config; never read back
+    if ckpt_path is None and rank_zero_only.rank == 0:
+        _write_config(run_dir, cfg)
+    if rank_zero_only.rank == 0:
+        print(f"plugformer: {built.plan.architecture} layers\n{built.plan.table()}", flush=True)
+    model, hooks, data = built.model, built.hooks, built.data
     techniques = chosen_techniques(cfg, registry)
-    hooks = plugins.run_manager({name: t.component.factory(t.config, cfg) for name, t in techniques.items()})
-    hooks.hook.validate_config(cfg=cfg, registry=registry)
-
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    data_choice = chosen["data"]
-    data = data_choice.component.factory(data_choice.config, DataContext(cache_dir=Path(cfg.paths.cache_dir), seed=cfg.seed))
-    data.prepare()
-    model = build_model(cfg, chosen, data)
-    hooks.hook.model_built(model=model, cfg=cfg)
     state.params = model.num_parameters()
-    state.module = TrainingModule(model, optim_config(cfg), hooks)
+    state.module = TrainingModule(
+        model, optim_config(cfg), hooks, carry_state=data.streams, frozen=built.context.frozen
+    )
 
-    tags = component_tags(chosen, techniques) + list(cfg.get("tags") or [])
+    tags = component_tags(chosen, techniques, state.plan) + list(cfg.get("tags") or [])
     for _, contributed in call_hook(hooks, "tracking_tags", expect=list, items=str, cfg=cfg):
         tags.extend(contributed)
     if checkpoint is not None:
@@ -202,7 +207,7 @@ def _finish(state: RunState, plugins: Plugins, status: str, error: str | None) -
     summary = build_summary(state, plugins, status, error)
     if rank_zero_only.rank != 0:
         return summary
-    write_json_atomically(_summary_path(state, status), summary)
+    write_json_atomically(_summary_path(state, summary["status"]), summary)
     for logger in state.loggers:
         if type(logger).__name__ == "WandbLogger":
             experiment = logger.experiment
@@ -252,6 +257,7 @@ def build_summary(state: RunState, plugins: Plugins, status: str, error: str | N
         "run_id": state.run_id,
         "run_dir": str(state.run_dir),
         "components": state.components,
+        "layers": state.plan,
         "metrics": metrics,
         "best": {name: value for name, value in best.items()},
         "params": state.params,

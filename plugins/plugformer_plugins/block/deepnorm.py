@@ -43,7 +43,10 @@ class DeepNormBlock(Block):
 
     def __init__(self, config: DeepNormConfig, ctx: BuildContext, parts: BlockParts) -> None:
         super().__init__(parts)
-        alpha, beta = deepnorm_gains(ctx.stack, ctx.encoder_layers, ctx.decoder_layers)
+        encoder_layers, decoder_layers = ctx.encoder_layers, ctx.decoder_layers
+        if not (encoder_layers or decoder_layers):  # a context built by hand: this stack alone
+            encoder_layers, decoder_layers = (ctx.n_layers, 0) if ctx.stack == "encoder" else (0, ctx.n_layers)
+        alpha, beta = deepnorm_gains(ctx.stack, encoder_layers, decoder_layers)
         self.alpha = config.alpha if config.alpha is not None else alpha
         self.beta = config.beta if config.beta is not None else beta
         sublayers = ["attention", "ffn"] + (["cross_attention"] if parts.cross_attention is not None else [])
