@@ -48,7 +48,7 @@ def test_run_directory_holds_config_checkpoints_metrics_and_summary(trained) -> 
     assert summary["experiment"] == "e2e"
     assert summary["components"] == {
         "attention": "full", "position": "learned", "norm": "layernorm",
-        "ffn": "mlp", "objective": "causal_lm", "data": "mqar",
+        "ffn": "mlp", "block": "standard", "objective": "causal_lm", "data": "mqar",
     }
     assert summary["global_step"] == 120
     assert summary["params"] > 0 and summary["wall_time_s"] > 0 and summary["tokens_per_second"] > 0
@@ -74,7 +74,8 @@ def test_wandb_offline_run_has_config_group_tags_and_summary(trained) -> None:
     assert record["config"]["model"]["attention"]["name"] == "full"
     assert record["config"]["model"]["d_model"] == 32
     assert set(record["tags"]) == {
-        "attention:full", "position:learned", "norm:layernorm", "ffn:mlp", "objective:causal_lm", "data:mqar", "smoke",
+        "attention:full", "position:learned", "norm:layernorm", "ffn:mlp", "block:standard", "objective:causal_lm",
+        "data:mqar", "smoke",
     }
     summary = record["summary"]
     for name in ("val/loss", "best/val/loss", "tokens_per_second", "params", "wall_time_s", "status"):
