@@ -61,6 +61,11 @@ class Faulty:
         return None
 
     @hookimpl
+    def model_built(self, model, cfg):
+        if self.mode == "model_built raises":
+            raise AttributeError("no such submodule")
+
+    @hookimpl
     def tracking_tags(self, cfg):
         return [42] if self.mode == "tracking_tags returns a number" else None
 
@@ -103,6 +108,7 @@ def assert_names_the_plugin(message: str, hook: str) -> None:
         ("extra_losses returns a list", "extra_losses", "returned a list"),
         ("tracking_tags returns a number", "tracking_tags", "of type int"),
         ("lightning_callbacks returns a string", "lightning_callbacks", "of type str"),
+        ("model_built raises", "model_built", "AttributeError: no such submodule"),
     ],
 )
 def test_a_misbehaving_hook_stops_the_run_naming_its_plugin(faulty_plugins, tmp_path: Path, mode: str, hook: str, detail: str) -> None:

@@ -73,6 +73,7 @@ def build(cfg: DictConfig, *, plugins: Plugins | None = None, run_dir: str | Pat
 
     from plugformer.components import DataContext
     from plugformer.model.builder import build_model, check_components, choose_components, chosen_techniques
+    from plugformer.plugins import call_hook
     from plugformer.techniques import TechniqueContext
 
     plugins = plugins or _session_plugins()
@@ -82,13 +83,13 @@ def build(cfg: DictConfig, *, plugins: Plugins | None = None, run_dir: str | Pat
     context = TechniqueContext(cfg=cfg, registry=registry, run_dir=Path(run_dir or cfg.get("run_dir") or "."), plugins=plugins)
     techniques = {name: t.component.factory(t.config, context) for name, t in chosen_techniques(cfg, registry).items()}
     hooks = plugins.run_manager(techniques)
-    hooks.hook.validate_config(cfg=cfg, registry=registry)
+    call_hook(hooks, "validate_config", expect=object, cfg=cfg, registry=registry)  # a raising plugin is named
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data_choice = chosen["data"]
     data = data_choice.component.factory(data_choice.config, DataContext(cache_dir=Path(cfg.paths.cache_dir), seed=cfg.seed))
     data.prepare()
     model = build_model(cfg, chosen, data, plan)
-    hooks.hook.model_built(model=model, cfg=cfg)
+    call_hook(hooks, "model_built", expect=object, model=model, cfg=cfg)
     return Built(cfg=cfg, chosen=chosen, plan=plan, data=data, model=model, techniques=techniques, context=context, hooks=hooks)
 
 

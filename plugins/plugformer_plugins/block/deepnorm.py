@@ -9,20 +9,20 @@ decoder α = (3M)^¼, β = (12M)^−¼.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from plugformer import Block, BlockParts, BuildContext, Capabilities, Component, LayerState, StepInputs
+from plugformer import Block, BlockParts, BuildContext, Capabilities, Component, LayerState, StepInputs, bounds
 
 
 @dataclass
 class DeepNormConfig:
     """``alpha``/``beta``: override the gains (None: from the layer counts, as in the paper)."""
 
-    alpha: float | None = None
-    beta: float | None = None
+    alpha: float | None = field(default=None, metadata=bounds(gt=0.0))
+    beta: float | None = field(default=None, metadata=bounds(gt=0.0))
 
 
 def deepnorm_gains(stack: str, encoder_layers: int, decoder_layers: int) -> tuple[float, float]:
