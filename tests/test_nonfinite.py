@@ -105,3 +105,12 @@ def test_a_diverging_learning_rate_ends_the_command_with_status_2(tmp_path: Path
     assert "Traceback" not in result.stderr
     summary = read_summary(tmp_path)
     assert summary["status"] == "failed" and "not finite" in summary["error"] and summary["global_step"] < 50
+
+
+def test_checking_every_n_steps_stops_within_n_steps_naming_the_first(poison_plugins, tmp_path: Path) -> None:
+    cfg = compose_train(
+        "+technique=poison", "techniques.poison.bad_steps=[1]", "callbacks.nonfinite.check_every_n_steps=4", *SHORT, f"run_dir={tmp_path}"
+    )
+    with pytest.raises(NonFiniteError, match=r"stopped at step 3 \(the first non-finite value was at step 1"):
+        train(cfg, poison_plugins, tmp_path, run_id="nan00004")
+    assert read_summary(tmp_path)["global_step"] == 3

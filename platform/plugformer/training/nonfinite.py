@@ -174,6 +174,9 @@ class NonFiniteGuard(pl.Callback):
             f"Training stopped after {self.options.max_consecutive_skips} non-finite steps in a row (the last at step {step}): "
             if skipped
             else f"Training stopped at step {step}: "
+            if step == trainer.global_step
+            else f"Training stopped at step {trainer.global_step} (the first non-finite value was at step {step}, "
+            f"checked every {self.options.check_every_n_steps} steps): "
         )
         return NonFiniteError(
             intro + f"{' and '.join(terms) or 'a loss term'} {what} not finite.",
