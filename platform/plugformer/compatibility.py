@@ -41,8 +41,9 @@ def _article(noun: str) -> str:
 SLOTS = {"cross_attention": ("attention", CROSS_ATTENTION_GROUP)}
 
 
-def _kind_and_group(slot: str) -> tuple[str, str]:
-    return SLOTS.get(slot, (slot, CONFIG_GROUPS[slot]))
+def kind_and_group(slot: str) -> tuple[str, str]:
+    """The registry kind and config group of a slot ("cross_attention" holds an attention)."""
+    return SLOTS[slot] if slot in SLOTS else (slot, CONFIG_GROUPS[slot])
 
 
 def check_requirements(chosen: dict[str, Chosen], registry: Registry, *, where: str = "") -> None:
@@ -57,7 +58,7 @@ def check_requirements(chosen: dict[str, Chosen], registry: Registry, *, where: 
             other = chosen.get(other_slot)
             if other is None:
                 continue
-            _require(registry, flags, other_slot, other, f"{_kind_and_group(slot)[0]} {mine.name!r}", where, (slot, mine))
+            _require(registry, flags, other_slot, other, f"{kind_and_group(slot)[0]} {mine.name!r}", where, (slot, mine))
 
 
 def check_provides(
@@ -83,13 +84,13 @@ def _require(
     missing = flags - other.provides()
     if not missing:
         return
-    other_kind, other_group = _kind_and_group(other_slot)
+    other_kind, other_group = kind_and_group(other_slot)
     label = other_slot.replace("_", "-")
     instead_of_other = [c.name for c in registry.components(other_kind) if _satisfies(c, flags)]
     fix = f"choose {other_group}= one of [{', '.join(instead_of_other) or 'none installed'}]"
     if mine is not None:
         slot, chosen = mine
-        kind, group = _kind_and_group(slot)
+        kind, group = kind_and_group(slot)
         instead_of_mine = [c.name for c in registry.components(kind) if _accepts(c, other_slot, other)]
         fix += f", or keep {label} {other.name!r} with {group}= one of [{', '.join(instead_of_mine) or 'none installed'}]"
     raise CapabilityError(
@@ -103,7 +104,7 @@ def _require(
 def check_length(chosen: dict[str, Chosen], length: int) -> None:
     """Raise :class:`CapabilityError` when a component's maximum length is below ``length``."""
     for slot, mine in chosen.items():
-        kind = _kind_and_group(slot)[0]
+        kind = kind_and_group(slot)[0]
         limit = mine.component.capabilities_for(mine.config).max_length
         if limit is not None and length > limit:
             raise CapabilityError(

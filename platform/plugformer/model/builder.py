@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from plugformer.blocks import BlockParts
-from plugformer.compatibility import Chosen, check_length, check_requirements
+from plugformer.compatibility import Chosen, check_length, check_requirements, kind_and_group
 from plugformer.components import ARCHITECTURES, BuildContext, DataTask
 from plugformer.bounds import check_bounds
 from plugformer.config import check_core_config
@@ -21,8 +21,6 @@ from plugformer.registry import CONFIG_GROUPS, Component, Registry
 
 #: The model's component slots, chosen by the groups model/<slot>.
 MODEL_SLOTS = ("attention", "cross_attention", "position", "norm", "ffn", "block")
-SLOT_KINDS = {"cross_attention": "attention"}
-SLOT_GROUPS = {"cross_attention": "model/cross_attention"}
 
 
 def _config_object(component: Component, node: DictConfig | dict[str, Any], path: str | None = None) -> Any:
@@ -51,14 +49,14 @@ def choose_components(cfg: DictConfig, registry: Registry) -> dict[str, Chosen]:
     nodes["data"] = cfg.get("data")
     chosen: dict[str, Chosen] = {}
     for slot, node in nodes.items():
-        group = SLOT_GROUPS.get(slot, CONFIG_GROUPS.get(slot, slot))
+        kind, group = kind_and_group(slot)
         if node is None or "name" not in node:
             raise ConfigError(
                 f"No {slot.replace('_', '-')} component is selected.",
                 expected=f"{group}=<name> in the defaults or on the command line",
                 fix=f"add {group}=<name>; `plugformer plugins` lists the choices",
             )
-        component = registry.get(SLOT_KINDS.get(slot, slot), node.name)
+        component = registry.get(kind, node.name)
         chosen[slot] = Chosen(component, _config_object(component, node, group.replace("/", ".")))
     if architecture_of(chosen["objective"]) != "encoder_decoder":
         del chosen["cross_attention"]  # only encoder–decoders have one; keep it out of tags and summaries

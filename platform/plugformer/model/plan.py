@@ -9,12 +9,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from plugformer.compatibility import Chosen, check_provides, check_requirements
+from plugformer.compatibility import Chosen, check_provides, check_requirements, kind_and_group
 from plugformer.errors import ConfigError
 from plugformer.registry import Registry
 
-#: The slots a plan may vary per layer, and the registry kind of each.
-PLANNED_SLOTS = {"attention": "attention", "ffn": "ffn", "block": "block", "cross_attention": "attention"}
+#: The slots a plan may vary per layer.
+PLANNED_SLOTS = ("attention", "ffn", "block", "cross_attention")
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,8 @@ def resolve_plan(
         layers = []
         for index in range(size):
             slots: dict[str, Chosen] = {}
-            for slot, kind in PLANNED_SLOTS.items():
+            for slot in PLANNED_SLOTS:
+                kind = kind_and_group(slot)[0]
                 if slot == "cross_attention" and not (architecture == "encoder_decoder" and stack == "decoder"):
                     continue
                 node: Any = None
