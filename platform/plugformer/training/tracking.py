@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from plugformer.errors import ConfigError
+from plugformer.training.wandb_online import choose_online
 from plugformer.training.metrics_csv import PersistentCSVLogger
 
 
@@ -45,7 +46,7 @@ def build_loggers(
 def _wandb_logger(cfg: DictConfig, options: DictConfig, run_dir: Path, *, tags: list[str], job_type: str, run_id: str) -> Logger:
     from lightning.pytorch.loggers import WandbLogger
 
-    offline = wandb_offline(options)
+    offline = wandb_offline(options) or not choose_online()  # never blocks: falls back to offline
     if offline:
         os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
