@@ -225,7 +225,7 @@ def test_text_hub_dataset_without_network_raises_a_clear_data_error(tmp_path: Pa
 
 
 def classification_context(**overrides) -> BuildContext:
-    values = dict(d_model=4, n_heads=1, n_layers=1, dropout=0.0, causal=False, max_length=8, vocab_size=10, num_classes=4)
+    values = dict(d_model=4, n_heads=1, n_layers=1, dropout=0.0, causal=False, max_length=8, vocab_size=10, task={"num_classes": 4})
     return BuildContext(**{**values, **overrides})
 
 
@@ -258,7 +258,7 @@ def test_classification_loss_and_accuracy(pooling: str) -> None:
 
 def test_classification_needs_the_number_of_classes() -> None:
     with pytest.raises(ConfigError, match="number of classes"):
-        Classification(ClassificationConfig(), classification_context(num_classes=None))
+        Classification(ClassificationConfig(), classification_context(task={}))
 
 
 def test_classification_asks_for_an_encoder(registry) -> None:
