@@ -60,37 +60,70 @@ def test_infinity_is_out_of_any_range() -> None:
 @pytest.mark.parametrize(
     ("override", "needles"),
     [
-        ("experiment=mqar_smal", ["experiment=mqar_smal", "mqar_small", "listops_small", "did you mean 'mqar_small'"]),
-        ("debug=fsat", ["debug=fsat", "fast", "overfit"]),
-        ("trainer=gpus", ["trainer=gpus", "gpu", "cpu"]),
+        ("debug=fsat", ["debug=fsat", "fast, overfit"]),
+        ("trainer=gpus", ["trainer=gpus", "did you mean 'gpu'", "cpu"]),
+        ("model/attention=locl", ["model/attention=locl", "local", "plugformer plugins"]),
     ],
 )
-def test_unknown_group_option_lists_the_choices_and_trains_nothing(tmp_path: Path, override: str, needles: list[str]) -> None:
-    result = run_cli("train", override, f"run_dir={tmp_path}", "logger=none")
-    assert_one_message(result, *needles)
+def test_unknown_group_option_lists_the_choices(plugins, override: str, needles: list[str]) -> None:
+    from plugformer.config import store_core_configs
+    from plugformer.overrides import check_group_choices
+
+    store_core_configs()
+    with pytest.raises(ConfigError) as caught:
+        check_group_choices([override])
+    for needle in needles:
+        assert needle in caught.value.message(), caught.value.message()
+    check_group_choices(["experiment=mqar_small", "debug=fast", "model.d_model=64", "logger=[wandb,tensorboard]", "~logger"])
+
+
+@pytest.mark.slow
+def test_unknown_experiment_fails_with_the_choices_and_trains_nothing(tmp_path: Path) -> None:
+    result = run_cli("train", "experiment=mqar_smal", f"run_dir={tmp_path}", "logger=none")
+    assert_one_message(result, "experiment=mqar_smal", "mqar_small", "listops_small", "did you mean 'mqar_small'")
     assert not (tmp_path / "metrics.csv").exists() and not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_unknown_experiment_in_a_sweep_is_refused_before_any_job(tmp_path: Path) -> None:
     result = run_cli("train", "-m", "experiment=mqar_small,nope", f"paths.runs_dir={tmp_path}", "logger=none")
     assert_one_message(result, "experiment=nope", "mqar_small")
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "needles"),
     [
         (["model.d_model=0", "optim.lr=-1"], ["model.d_model=0: expected an integer ≥ 1", "optim.lr=-1.0: expected a number > 0"]),
-        (["model.n_heads=-2", "model.dropout=1.5"], ["model.n_heads=-2", "model.dropout=1.5: expected a number in [0, 1)"]),
         (["model/attention=local", "model.attention.window=0"], ["model.attention.window=0: expected an integer ≥ 1", "window=64 (the default)"]),
-        (["data.batch_size=0"], ["data.batch_size=0: expected an integer ≥ 1"]),
-        (["trainer.max_steps=-5", "trainer.val_check_interval=0"], ["trainer.max_steps=-5: expected an integer ≥ -1", "trainer.val_check_interval=0"]),
     ],
 )
-def test_out_of_range_sizes_and_rates_fail_before_training(tmp_path: Path, overrides: list[str], needles: list[str]) -> None:
+def test_out_of_range_values_end_the_command_with_status_2(tmp_path: Path, overrides: list[str], needles: list[str]) -> None:
     result = run_cli("train", *FAST, *overrides, f"run_dir={tmp_path}", "logger=none")
     assert_one_message(result, *needles)
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needles"),
+    [
+        (["model.n_heads=-2", "model.dropout=1.5"], ["model.n_heads=-2: expected an integer ≥ 1", "model.dropout=1.5: expected a number in [0, 1)"]),
+        (["data.batch_size=0"], ["data.batch_size=0: expected an integer ≥ 1"]),
+        (["data=listops", "objective=classification", "model/attention=full", "data.max_length=2"], ["data.max_length=2: expected an integer ≥ 3"]),
+        (["model/position=rope", "model.position.fraction=0"], ["model.position.fraction=0.0: expected a number in (0, 1]"]),
+        (["optim.betas=[0.9,1.5]"], ["optim.betas[1]=1.5: expected a number in [0, 1)"]),
+        (["trainer.max_steps=-5", "trainer.val_check_interval=0"], ["trainer.max_steps=-5: expected an integer ≥ -1", "trainer.val_check_interval=0"]),
+    ],
+)
+def test_out_of_range_values_are_refused_when_components_are_chosen(registry, overrides: list[str], needles: list[str]) -> None:
+    from compose import compose_train
+    from plugformer.model.builder import choose_components
+
+    with pytest.raises(ConfigError) as caught:
+        choose_components(compose_train(*overrides), registry)
+    for needle in needles:
+        assert needle in caught.value.message(), caught.value.message()
 
 
 # --- text files ----------------------------------------------------------------------------------
@@ -150,6 +183,7 @@ def test_a_file_named_twice_or_through_a_symlink_counts_once(tmp_path: Path) -> 
 # --- W&B online without credentials or network -----------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("env", "reason"),
     [

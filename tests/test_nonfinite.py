@@ -95,6 +95,7 @@ def test_skip_mode_gives_up_after_too_many_bad_steps_in_a_row(poison_plugins, tm
     assert read_summary(tmp_path)["extra"]["nonfinite/skipped_steps"] == 3
 
 
+@pytest.mark.slow
 def test_a_diverging_learning_rate_ends_the_command_with_status_2(tmp_path: Path) -> None:
     result = run_cli(
         "train", "optim.lr=1e6", "optim.warmup_steps=0", "trainer.max_steps=50", "trainer.val_check_interval=50",
