@@ -77,6 +77,33 @@ def test_unknown_group_option_lists_the_choices(plugins, override: str, needles:
     check_group_choices(["experiment=mqar_small", "debug=fast", "model.d_model=64", "logger=[wandb,tensorboard]", "~logger"])
 
 
+@pytest.mark.parametrize(
+    ("override", "needles"),
+    [
+        ("model.d_model=wide", ["model.d_model=wide", "could not be converted to Integer", "a value of the option's type"]),
+        ("model.d_modl=64", ["Could not override 'model.d_modl'", "Key 'd_modl' not in 'ModelConfig'", "+key=value"]),
+        ("optim.schedule=cosin", ["expected one of [cosine, linear, constant]"]),
+        ("trainer.max_steps", ["Error parsing override 'trainer.max_steps'"]),
+    ],
+)
+def test_hydras_refusals_become_one_plugformer_error(plugins, override: str, needles: list[str]) -> None:
+    from plugformer.config import store_core_configs
+    from plugformer.overrides import check_composes
+
+    store_core_configs()
+    with pytest.raises(ConfigError) as caught:
+        check_composes([override])
+    for needle in needles:
+        assert needle in caught.value.message(), caught.value.message()
+    check_composes(["+trainer.extra_key=1", "tags=[a,b]", "experiment=mqar_small", "hydra.run.dir=/tmp/x", "-m", "x=1,2"])
+
+
+@pytest.mark.slow
+def test_a_badly_typed_value_ends_the_command_with_status_2(tmp_path: Path) -> None:
+    result = run_cli("train", "model.d_model=wide", f"run_dir={tmp_path}", "logger=none")
+    assert_one_message(result, "model.d_model=wide", "could not be converted to Integer")
+
+
 @pytest.mark.slow
 def test_unknown_experiment_fails_with_the_choices_and_trains_nothing(tmp_path: Path) -> None:
     result = run_cli("train", "experiment=mqar_smal", f"run_dir={tmp_path}", "logger=none")

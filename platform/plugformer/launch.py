@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from plugformer.config import store_core_configs
 from plugformer.errors import PlugformerError, full_tracebacks_requested, report_user_error
-from plugformer.overrides import check_group_choices
+from plugformer.overrides import check_composes, check_group_choices
 from plugformer.plugins import Plugins, load_plugins
 from plugformer.resume import check_run_directory, plan_run, write_run_id
 from plugformer.runlock import locked
@@ -84,6 +84,7 @@ def launch_training(overrides: list[str]) -> int:
     plugins = load_plugins()
     store_core_configs()
     check_group_choices(overrides)  # a typo in experiment= or debug= must not train the default
+    check_composes(overrides)  # Hydra's refusals as one plugformer error (exit 2)
     original_argv = list(sys.argv)
     rejected: list[str] = []
 

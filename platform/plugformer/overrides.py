@@ -11,11 +11,11 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-from hydra import initialize_config_module
+from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
-from hydra.errors import OverrideParseException
+from hydra.errors import ConfigCompositionException, OverrideParseException
 
 from plugformer.errors import ConfigError
 from plugformer.registry import CONFIG_GROUPS
@@ -68,3 +68,39 @@ def check_group_choices(overrides: Iterable[str]) -> None:
                         fix=f"correct the name, e.g. {group}={(close or choices)[0]}"
                         + ("; `plugformer plugins` lists every component" if group in COMPONENT_GROUPS else ""),
                     )
+
+
+def _first_line(error: BaseException | None) -> str:
+    text = str(error or "").strip()
+    return text.splitlines()[0].strip() if text else ""
+
+
+def check_composes(overrides: Iterable[str]) -> None:
+    """Compose the config once, as Hydra is about to, and turn Hydra's own refusals (a value
+    of the wrong type, a key that does not exist, an override that does not parse) into one
+    :class:`ConfigError` (exit status 2). Sweeps and Hydra's flags are left to Hydra."""
+    overrides = list(overrides)
+    if any(o.startswith("-") for o in overrides):
+        return  # -m, --cfg, --help, ...: Hydra's own modes
+    candidates = [o for o in overrides if not o.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            compose(config_name="train", overrides=candidates)
+    except OverrideParseException as error:
+        raise ConfigError(
+            f"{_first_line(error)}: {' '.join(str(error).split(chr(10))[1:2]).strip()}",
+            expected="overrides of the form key=value, group=option, +key=value or ~key",
+            fix="quote values with spaces or brackets, e.g. 'tags=[a,b]'",
+        ) from None
+    except ConfigCompositionException as error:
+        detail = _first_line(error.__cause__)
+        message = _first_line(error).rstrip(".")
+        unknown_key = message.startswith("Could not override")
+        raise ConfigError(
+            f"{message}{': ' + detail if detail else ''}",
+            expected="an existing key" if unknown_key else "a value of the option's type",
+            fix="check the spelling (`plugformer train --cfg job` prints the composed config; `plugformer plugins` "
+            "lists the components), or add a new key with +key=value"
+            if unknown_key
+            else "correct the value; `plugformer train --cfg job` prints every option with its current value",
+        ) from None
