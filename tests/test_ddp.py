@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
+import plugformer
 from helpers import FAST, REPO, read_summary, run_cli
-from plugformer.components import DataContext
-from plugformer.model.builder import build_model, choose_components
 
 pytestmark = pytest.mark.slow
 
@@ -23,14 +21,8 @@ SETTINGS = ["trainer.max_steps=12", "trainer.val_check_interval=12", *FAST]
 
 def full_validation_loss(run_dir: Path, registry) -> float:
     """val/loss of the saved last checkpoint over the whole validation split, in one process."""
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    chosen = choose_components(cfg, registry)
-    data = chosen["data"].component.factory(chosen["data"].config, DataContext(cache_dir=Path(cfg.paths.cache_dir)))
-    data.prepare()
-    model = build_model(cfg, chosen, data)
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-    model.load_state_dict({key.removeprefix("model."): value for key, value in state.items()})
-    model.eval()
+    run = plugformer.load_run(run_dir, checkpoint="last")
+    model, data = run.model, run.data
     losses, sizes = [], []
     with torch.no_grad():
         for batch in data.val_dataloader():
