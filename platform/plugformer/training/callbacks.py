@@ -122,9 +122,7 @@ class OnTrainStart(pl.Callback):
 
     def __init__(self, action: Any) -> None:
         self.action = action
-        self.started = False
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self.started = True
         if trainer.is_global_zero:
             self.action()

@@ -40,15 +40,21 @@ def replace_atomically(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
         os.replace(tmp, path)
     except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
-        full = _disk_full_error(error)
-        if full is not None:
-            previous = f"the previous {path.name} is intact" if path.exists() else f"no earlier {path.name} exists"
-            raise DiskFullError(
-                f"The disk is full: writing {path} failed ({full.strerror}); {previous}.",
-                expected=f"free space in {path.parent}",
-                fix="free some space (or point paths.runs_dir elsewhere), then resume=<run dir>",
-            ) from error
+        previous = f"the previous {path.name} is intact" if path.exists() else f"no earlier {path.name} exists"
+        raise_if_disk_full(error, path, previous)
         raise
+
+
+def raise_if_disk_full(error: BaseException, path: Path, kept: str) -> None:
+    """Raise :class:`DiskFullError` (naming ``path`` and what was ``kept``) when ``error``
+    comes from a full disk; otherwise return."""
+    full = _disk_full_error(error)
+    if full is not None:
+        raise DiskFullError(
+            f"The disk is full: writing {path} failed ({full.strerror}); {kept}.",
+            expected=f"free space in {path.parent}",
+            fix="free some space (or point paths.runs_dir elsewhere), then resume=<run dir>",
+        ) from error
 
 
 def _disk_full_error(error: BaseException | None) -> OSError | None:

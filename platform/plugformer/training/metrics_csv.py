@@ -26,7 +26,7 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from plugformer.training.checkpointing import replace_atomically
+from plugformer.training.checkpointing import raise_if_disk_full, replace_atomically
 
 
 def _step(row: dict[str, Any]) -> int | None:
@@ -103,12 +103,16 @@ class _PersistentWriter(ExperimentWriter):
         file_exists = os.path.isfile(self.metrics_file_path)
         if new_keys and file_exists:
             self._rewrite_with_new_header(self.metrics_keys)
-        with open(self.metrics_file_path, "a" if file_exists else "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=self.metrics_keys, lineterminator="\n")
-            if not file_exists:
-                writer.writeheader()
-            writer.writerows(self.metrics)
-            file.flush()
+        try:
+            with open(self.metrics_file_path, "a" if file_exists else "w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=self.metrics_keys, lineterminator="\n")
+                if not file_exists:
+                    writer.writeheader()
+                writer.writerows(self.metrics)
+                file.flush()
+        except OSError as error:
+            raise_if_disk_full(error, Path(self.metrics_file_path), "the rows logged before are kept")
+            raise
         self.metrics = []
 
 
