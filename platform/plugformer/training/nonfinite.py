@@ -66,6 +66,8 @@ def _gradient_norm(module: torch.nn.Module) -> Tensor | None:
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
         return None
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch ≥ 2.6: fused per device, as in clipping
+        return torch.nn.utils.get_total_norm(grads, norm_type=2.0)
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
 
 
