@@ -18,6 +18,8 @@ from helpers import FAST, checkpoint_step, metric_rows, read_summary, row_identi
 
 pytestmark = pytest.mark.slow
 
+FAULT_PLUGIN = Path(__file__).parent / "fixtures" / "fault_plugin"
+
 STEPS = 60
 SETTINGS = [
     f"trainer.max_steps={STEPS}", "trainer.val_check_interval=20", "trainer.log_every_n_steps=5",
@@ -161,7 +163,10 @@ def test_resume_into_a_folder_that_is_not_a_run_writes_nothing(tmp_path: Path) -
 
 def test_one_process_per_run_directory(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    first = start(run_dir, "trainer.max_steps=100000", "trainer.val_check_interval=1000")
+    # A run that stays alive (slowed down by the test-only fault plugin) without hogging a CPU.
+    plugin = os.pathsep.join(filter(None, [str(FAULT_PLUGIN), os.environ.get("PYTHONPATH")]))
+    slow = {"PYTHONPATH": plugin, "PLUGFORMER_TEST_FAULT": "slow-steps:200"}
+    first = start_cli("train", *SETTINGS, f"run_dir={run_dir}", "trainer.max_steps=100000", "trainer.val_check_interval=1000", env=slow)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and checkpoint_step(run_dir / "checkpoints" / "last.ckpt") is None:
