@@ -117,7 +117,6 @@ class NonFiniteGuard(pl.Callback):
         self._loss_bad: Tensor | None = None  # any micro-batch of this step had a bad loss
         self._loss: Tensor | None = None
         self._first_bad_step: Tensor | None = None  # on device, so unchecked steps need no sync
-        self._first_terms: list[str] = []
 
     def on_before_backward(self, trainer: pl.Trainer, module: pl.LightningModule, loss: Tensor) -> None:
         if self.options.action == "off":
