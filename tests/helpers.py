@@ -80,3 +80,12 @@ def same_rows(kept: list[dict[str, str]], now: list[dict[str, str]]) -> bool:
         return frozenset((k, v) for k, v in row.items() if v != "")
     present = {cells(row) for row in now}
     return all(cells(row) in present for row in kept)
+
+
+def wandb_history_steps(offline_run: Path) -> list[int]:
+    """The history steps of a W&B offline run folder, read with W&B's own reader."""
+    wandb = Path(sys.executable).with_name("wandb")
+    records = subprocess.run(
+        [str(wandb), "leet", "inspect", "--json", str(offline_run)], capture_output=True, text=True, timeout=120, check=True
+    ).stdout.splitlines()
+    return [json.loads(line)["history"]["item"]["_step"] for line in records if '"type":"history"' in line]

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FAST, checkpoint_step, metric_rows, read_summary, row_identity, run_cli, same_rows, start_cli
+from helpers import (
+    FAST, checkpoint_step, metric_rows, read_summary, row_identity, run_cli, same_rows, start_cli, wandb_history_steps,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -124,7 +126,12 @@ def test_a_finished_run_resumed_after_a_failed_resume_keeps_everything(finished_
     assert sorted(step for step, stage in identities if stage == "val") == [19, 29, 39, 49]
     assert sorted(step for step, stage in identities if stage == "train") == list(range(4, 50, 5))
     run_id = summary["run_id"]
-    assert {p.name[-len(run_id):] for p in (run_dir / "wandb").glob("offline-run-*")} == {run_id}
+    attempts = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert {p.name[-len(run_id):] for p in attempts} == {run_id}
+    # W&B history: each attempt's rows at their training steps, one increasing sequence, so
+    # syncing the attempts into one run drops nothing.
+    steps = [step for attempt in attempts for step in wandb_history_steps(attempt)]
+    assert steps == sorted(set(steps)) and steps[0] == 4 and steps[-1] == 50, steps  # 50: the test after fit
 
 
 def test_resume_refuses_a_config_edited_by_hand(finished_run: Path, tmp_path: Path) -> None:

@@ -126,3 +126,25 @@ class OnTrainStart(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             self.action()
+
+
+class LoggingStepAfterResume(pl.Callback):
+    """Puts Lightning's logging step back in line with the global step after a resume.
+
+    A checkpoint saved in the middle of a training step (``every_n_train_steps`` saves at
+    batch end, ``save_last`` during validation) stores the loop's logging counter
+    (``_batches_that_stepped``) before that step is counted, and Lightning's restart completes
+    the interrupted step for one kind of checkpoint only, so a resumed run logs every row one
+    step early or late. In an uninterrupted run the counter equals the global step whenever a
+    training batch starts; this sets it so at the first batch after the restore."""
+
+    def __init__(self) -> None:
+        self.aligned = False
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.aligned:
+            return
+        self.aligned = True
+        loop = trainer.fit_loop.epoch_loop
+        if getattr(loop, "_batches_that_stepped", None) is not None and trainer.accumulate_grad_batches == 1:
+            loop._batches_that_stepped = trainer.global_step

@@ -23,12 +23,14 @@ from plugformer.errors import ConfigError, PluginError
 from plugformer.model.builder import choose_components, chosen_techniques
 from plugformer.plugins import Plugins, blame_component, call_hook
 from plugformer.resume import CheckpointInfo, check_matches_checkpoint, read_checkpoint
-from plugformer.training.callbacks import MetricHistory, OnTrainStart, RunRecord, ThroughputMonitor, ValidateAtLastStep, final_metrics
+from plugformer.training.callbacks import (
+    LoggingStepAfterResume, MetricHistory, OnTrainStart, RunRecord, ThroughputMonitor, ValidateAtLastStep, final_metrics,
+)
 from plugformer.training.checkpointing import (
     AtomicCheckpointIO, remove_orphan_temporaries, replace_atomically, write_json_atomically,
 )
 from plugformer.training.module import TrainingModule
-from plugformer.training.tracking import build_loggers, wandb_run_dir
+from plugformer.training.tracking import build_loggers, is_wandb, wandb_run_dir
 
 SUMMARY_FILE = "summary.json"
 # Where a resume that failed writes its summary when summary.json holds a finished run.
@@ -193,7 +195,7 @@ def _train(state: RunState, plugins: Plugins, ckpt_path: str | None, checkpoint:
     callbacks, state.history, state.throughput = build_callbacks(cfg, run_dir, hooks)
     callbacks += [RunRecord(state.components), ValidateAtLastStep()]
     if ckpt_path is not None:
-        callbacks.append(OnTrainStart(lambda: _write_config(run_dir, cfg)))
+        callbacks += [OnTrainStart(lambda: _write_config(run_dir, cfg)), LoggingStepAfterResume()]
     state.trainer = build_trainer(cfg, run_dir, state.loggers, callbacks)
     for logger in state.loggers:
         logger.log_hyperparams({"model/params": state.params})
@@ -209,7 +211,7 @@ def _finish(state: RunState, plugins: Plugins, status: str, error: str | None) -
         return summary
     write_json_atomically(_summary_path(state, summary["status"]), summary)
     for logger in state.loggers:
-        if type(logger).__name__ == "WandbLogger":
+        if is_wandb(logger):
             experiment = logger.experiment
             experiment.summary.update(_flat_summary(summary))
             experiment.finish(exit_code=0 if summary["status"] == "finished" else 1)

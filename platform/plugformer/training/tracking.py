@@ -44,14 +44,14 @@ def build_loggers(
 
 
 def _wandb_logger(cfg: DictConfig, options: DictConfig, run_dir: Path, *, tags: list[str], job_type: str, run_id: str) -> Logger:
-    from lightning.pytorch.loggers import WandbLogger
+    from plugformer.training.wandb_steps import StepWandbLogger
 
     offline = wandb_offline(options) or not choose_online()  # never blocks: falls back to offline
     if offline:
         os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    return WandbLogger(
+    return StepWandbLogger(
         save_dir=str(run_dir),
         offline=offline,
         project=options.get("project", "plugformer"),
@@ -79,10 +79,15 @@ def _tensorboard_logger(run_dir: Path) -> Logger:
         ) from None
 
 
+def is_wandb(logger: Logger) -> bool:
+    """Whether ``logger`` is a (subclass of Lightning's) WandbLogger, without importing wandb."""
+    return any(cls.__name__ == "WandbLogger" for cls in type(logger).__mro__)
+
+
 def wandb_run_dir(loggers: list[Logger]) -> Path | None:
     """The W&B run's local folder (offline-run-... or run-...), when there is one."""
     for logger in loggers:
-        if type(logger).__name__ == "WandbLogger":
+        if is_wandb(logger):
             experiment = logger.experiment
             directory = getattr(experiment, "dir", None)
             if isinstance(directory, str) and directory:
