@@ -155,12 +155,10 @@ def test_resume_refuses_a_config_edited_by_hand(finished_run: Path, tmp_path: Pa
 
 def test_resume_into_a_folder_that_is_not_a_run_writes_nothing(tmp_path: Path) -> None:
     missing = tmp_path / "missing"
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    half = tmp_path / "half"
+    half = tmp_path / "half"  # (an empty folder: tests/test_cli.py)
     half.mkdir()
     (half / "config.yaml").write_text("seed: 1\n")
-    for folder in (missing, empty, half):
+    for folder in (missing, half):
         before = sorted(p.name for p in folder.rglob("*")) if folder.exists() else None
         result = run_cli("train", f"resume={folder}")
         assert result.returncode == 2 and "not a run directory" in result.stderr, result.stderr[-2000:]
@@ -175,19 +173,22 @@ def test_one_process_per_run_directory(tmp_path: Path) -> None:
     slow = {"PYTHONPATH": plugin, "PLUGFORMER_TEST_FAULT": "slow-steps:200"}
     first = start_cli("train", *SETTINGS, f"run_dir={run_dir}", "trainer.max_steps=100000", "trainer.val_check_interval=1000", env=slow)
     try:
+        # As soon as it holds its lock (maybe before its first checkpoint: then resume= is still
+        # refused as "in use", not as "not a run directory").
         deadline = time.time() + 120
-        while time.time() < deadline and checkpoint_step(run_dir / "checkpoints" / "last.ckpt") is None:
+        while time.time() < deadline and not (run_dir / ".hydra" / "overrides.yaml").exists():  # written last
             assert first.poll() is None, first.stderr.read()[-3000:]
-            time.sleep(0.1)
+            time.sleep(0.05)
         hydra_record = (run_dir / ".hydra" / "config.yaml").read_bytes()
-        config = (run_dir / "config.yaml").read_bytes()
         for second in (("train", *SETTINGS, f"run_dir={run_dir}"), ("train", f"resume={run_dir}")):
             result = run_cli(*second)
             assert result.returncode == 2, result.stderr[-3000:]
             assert "is in use by" in result.stderr and f"pid {first.pid}" in result.stderr
         assert first.poll() is None, "the running process was disturbed"
         assert (run_dir / ".hydra" / "config.yaml").read_bytes() == hydra_record
-        assert (run_dir / "config.yaml").read_bytes() == config
+        while checkpoint_step(run_dir / "checkpoints" / "last.ckpt") is None:
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.1)
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()

@@ -22,7 +22,7 @@ from plugformer.errors import PlugformerError, full_tracebacks_requested, report
 from plugformer.overrides import check_composes, check_group_choices
 from plugformer.plugins import Plugins, load_plugins
 from plugformer.resume import check_run_directory, plan_run, write_run_id
-from plugformer.runlock import locked
+from plugformer.runlock import check_free, locked
 from plugformer.training.run import CONFIG_FILE, train
 
 CONFIG_PACKAGE = "pkg://plugformer.conf"
@@ -134,6 +134,7 @@ def _with_resume_dir(overrides: list[str]) -> list[str]:
     resume = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
     if not resume or resume[-1] in ("", "null"):
         return overrides
+    check_free(Path(resume[-1]).expanduser())  # a running run is named as such, checkpoint or not
     run_dir = check_run_directory(resume[-1])
     if any(o.startswith("hydra.run.dir=") for o in overrides):
         return overrides

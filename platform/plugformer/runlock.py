@@ -39,6 +39,32 @@ def _owner_text(path: Path) -> str:
         return "another process"
 
 
+def _in_use(run_dir: Path, path: Path) -> ConfigError:
+    return ConfigError(
+        f"The run directory {run_dir} is in use by {_owner_text(path)}.",
+        expected="one process per run directory (the running one is left alone)",
+        fix="wait for that run to end, or choose another run_dir=; resume= it once it has stopped",
+    )
+
+
+def check_free(run_dir: Path) -> None:
+    """Raise :class:`ConfigError` when another process holds ``run_dir``'s lock; writes
+    nothing (a folder that does not exist or holds no lock file is free)."""
+    path = Path(run_dir).resolve() / LOCK_FILE
+    if Path(run_dir).resolve() in _held:
+        return
+    try:
+        handle = open(path)  # noqa: SIM115 - read-only: never creates the file
+    except OSError:
+        return
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use(Path(run_dir).resolve(), path) from None
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def acquire(run_dir: Path) -> None:
     """Lock ``run_dir`` for this process (creating the folder), or raise :class:`ConfigError`
     naming the process that holds it. Calls nest; :func:`release` undoes one call."""
@@ -55,11 +81,7 @@ def acquire(run_dir: Path) -> None:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.close()
-            raise ConfigError(
-                f"The run directory {run_dir} is in use by {_owner_text(path)}.",
-                expected="one process per run directory (the running one is left alone)",
-                fix="wait for that run to end, or choose another run_dir=; resume= it once it has stopped",
-            ) from None
+            raise _in_use(run_dir, path) from None
         # The owner may have removed the file between our open and our lock: retry on the new one.
         if path.exists() and os.fstat(handle.fileno()).st_ino == path.stat().st_ino:
             break
