@@ -117,6 +117,12 @@ def test_corrupt_last_checkpoint_names_it_and_offers_the_best(tmp_path: Path) ->
         for name, data in kept.items():
             assert (run_dir / name).read_bytes() == data, name
 
+    # A damaged config.yaml is named too, and the run directory is left as it was.
+    (run_dir / "config.yaml").write_bytes(kept["config.yaml"][: len(kept["config.yaml"]) // 3] + b"\n  [unclosed: {")
+    refused = run_cli("train", f"resume={run_dir}", "resume_checkpoint=best", env=fault_env())
+    assert refused.returncode == 2 and f"{run_dir / 'config.yaml'} is damaged" in refused.stderr, refused.stderr[-3000:]
+    (run_dir / "config.yaml").write_bytes(kept["config.yaml"])
+
     result = run_cli("train", f"resume={run_dir}", "resume_checkpoint=best", "trainer.max_steps=20", env=fault_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_summary(run_dir)["global_step"] == 20

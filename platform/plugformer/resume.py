@@ -144,6 +144,21 @@ def choose_checkpoint(run_dir: Path, choice: str = "last") -> CheckpointInfo:
     )
 
 
+def _read_saved_config(path: Path) -> DictConfig:
+    try:
+        saved = OmegaConf.load(path)
+    except Exception as error:  # noqa: BLE001 - a file that does not parse is damaged
+        saved = error
+    if not isinstance(saved, DictConfig) or "model" not in saved:
+        problem = f"{type(saved).__name__}: {str(saved).splitlines()[0] if str(saved) else ''}" if isinstance(saved, Exception) else "no model section"
+        raise ConfigError(
+            f"Cannot resume: the run's {path} is damaged ({problem}).",
+            expected="the config.yaml that plugformer train wrote",
+            fix=f"restore it (its record of the composition is in {path.parent / '.hydra' / 'config.yaml'}), or start a new run",
+        )
+    return saved
+
+
 def plan_run(cfg: DictConfig, output_dir: Path) -> RunPlan:
     """A fresh run in Hydra's output folder, or the resumed run named by ``cfg.resume``."""
     if not cfg.get("resume"):
@@ -151,7 +166,7 @@ def plan_run(cfg: DictConfig, output_dir: Path) -> RunPlan:
         return RunPlan(cfg, output_dir, run_id, None)
     run_dir = check_run_directory(str(cfg.resume))
     checkpoint = choose_checkpoint(run_dir, str(cfg.get("resume_checkpoint") or "last"))
-    saved = OmegaConf.load(run_dir / "config.yaml")
+    saved = _read_saved_config(run_dir / "config.yaml")
     overrides = _value_overrides()
     if overrides:
         saved = OmegaConf.merge(saved, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
