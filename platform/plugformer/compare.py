@@ -27,8 +27,9 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
 OUTPUT_NAMES = ("comparison.csv", "comparison.md", "comparison.png")
 
-# Config keys that differ between any two runs without saying anything about them.
-IGNORED_KEYS = ("run_dir", "resume", "paths", "hydra")
+# Config keys that differ between any two runs without saying anything about them, or that
+# are derived from other keys (resolved_layers follows from model.n_layers and model.plan).
+IGNORED_KEYS = ("run_dir", "resume", "paths", "hydra", "resolved_layers")
 # metrics.csv columns that index rows rather than being metrics.
 INDEX_COLUMNS = ("step", "epoch")
 SUMMARY_COLUMNS = ("params", "wall_time_s", "tokens_per_second")
