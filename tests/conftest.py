@@ -8,6 +8,9 @@ import pytest
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# The suite runs in parallel workers (pytest-xdist, see pyproject.toml); the runs they start
+# in subprocesses take one thread each too, so workers never fight over the cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 

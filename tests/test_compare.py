@@ -56,9 +56,12 @@ def test_table_has_one_row_per_run_with_config_and_metrics(sweep_dir: Path) -> N
     rows = comparison_table([load_run(path) for path in find_runs([sweep_dir])])
     assert [row["run"] for row in rows] == ["0", "1"]
     assert [row["model.n_layers"] for row in rows] == [1, 2]
-    for row in rows:
+    for run_name, row in zip(("0", "1"), rows):
         assert row["status"] == "finished"
-        assert row["val/loss"] >= row["best/val/loss"] > 0
+        with open(sweep_dir / run_name / "metrics.csv") as handle:
+            history = [float(r["val/loss"]) for r in csv.DictReader(handle) if r.get("val/loss")]
+        assert row["best/val/loss"] == pytest.approx(min(history), rel=1e-6)
+        assert row["val/loss"] == pytest.approx(history[-1], rel=1e-6)
         assert row["params"] > 0 and row["wall_time_s"] > 0 and row["tokens_per_second"] > 0
 
 

@@ -58,12 +58,15 @@ class Probe:
 
         return [Seen()]
 
+
     @hookimpl
     def run_summary(self, trainer, module):
+        self.calls.append("run_summary")
         return {"probe/steps": trainer.global_step}
 
     @hookimpl
     def tracking_tags(self, cfg):
+        self.calls.append("tracking_tags")
         return ["probe-tag"]
 
 
@@ -90,7 +93,10 @@ def test_every_run_hook_takes_part(probe_plugins, tmp_path: Path) -> None:
     cfg = compose_train("+technique=probe", "logger=none", "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1", f"run_dir={tmp_path}", *FAST)
     summary = train(cfg, probe_plugins, tmp_path, run_id="probe0001")
     probe = ProbePlugin.instances[-1]
-    for call in ("validate_config", "model_built", "extra_losses:train", "extra_losses:val", "callback:on_train_start"):
+    for call in (
+        "validate_config", "model_built", "extra_losses:train", "extra_losses:val", "callback:on_train_start",
+        "tracking_tags", "run_summary",
+    ):
         assert call in probe.calls, call
     assert summary["status"] == "finished"
     assert summary["metrics"]["train/loss_probe"] == pytest.approx(0.25)
