@@ -226,6 +226,21 @@ def assert_finite(subject: Subject, tensor: Tensor, what: str) -> None:
         subject.fail(f"{what} contains NaN or inf (first at index {tuple(int(i) for i in bad)})")
 
 
+def assert_output_like_input(subject: Subject, run: Callable[[Tensor], Any], x: Tensor, what: str) -> Tensor:
+    """Call ``run(x)`` without gradients and fail unless it returns a finite tensor of x's
+    shape and dtype and leaves x unchanged; ``what`` names the output in messages."""
+    before = x.clone()
+    with torch.no_grad():
+        out = run(x)
+    if not isinstance(out, Tensor) or out.shape != x.shape or out.dtype != x.dtype:
+        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
+        subject.fail(f"input {tuple(x.shape)} {x.dtype} gave {got}; expected the input's shape and dtype")
+    assert_finite(subject, out, what)
+    if not torch.equal(x, before):
+        subject.fail("forward modified its input in place")
+    return out
+
+
 def check_gradients(subject: Subject, loss_of: Callable[[nn.Module], tuple[Tensor, list[Tensor]]]) -> None:
     """Backpropagate the loss of ``loss_of(module) -> (loss, inputs)`` through a module in
     training mode, then require a finite gradient, not all exactly zero, for every trainable

@@ -20,6 +20,7 @@ from plugformer.testing._support import (
     assert_close,
     assert_differs,
     assert_finite,
+    assert_output_like_input,
     check_determinism,
     check_gradients,
     check_state_dict_round_trip,
@@ -217,24 +218,16 @@ class _AttentionChecks:
             for dtype in dict.fromkeys((torch.float32, s.dtype)):
                 module = s.build(dtype=dtype).eval()
                 for mask in (None, self.mask) if self.padding else (None,):
-                    x = self.x.to(dtype)
-                    before = x.clone()
-                    with torch.no_grad():
-                        out = self.call(module, x, mask)
-                    if not isinstance(out, Tensor) or out.shape != x.shape or out.dtype != x.dtype:
-                        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
-                        s.fail(f"input {tuple(x.shape)} {dtype} gave {got}; expected the input's shape and dtype")
-                    assert_finite(
+                    assert_output_like_input(
                         s,
-                        out,
+                        lambda x, module=module, mask=mask: self.call(module, x, mask),
+                        self.x.to(dtype),
                         f"the output (dtype {dtype}, without a mask)"
                         if mask is None
                         else f"the output (dtype {dtype}, with a key padding mask; every position must be finite, "
                         "padded queries and queries that see no key included, since a NaN there reaches real "
                         "tokens through the next layer)",
                     )
-                    if not torch.equal(x, before):
-                        s.fail("forward modified its input in place")
 
     def causality(self) -> None:
         s = self.subject

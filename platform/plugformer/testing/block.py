@@ -25,7 +25,7 @@ from plugformer.testing._support import (
     Subject,
     assert_close,
     assert_differs,
-    assert_finite,
+    assert_output_like_input,
     check_determinism,
     check_gradients,
     check_state_dict_round_trip,
@@ -172,17 +172,13 @@ class _BlockChecks:
                     s.fail(f"the factory returned a {type(block).__name__}, not a plugformer.Block")
                 if not isinstance(block.final_norm, bool):
                     s.fail(f"final_norm is {block.final_norm!r}; expected a bool (does the stack need a final norm?)")
-                x = self.x.to(dtype)
                 context = self.context.to(dtype) if self.context is not None else None
-                before = x.clone()
-                with torch.no_grad():
-                    out = self.call(block, x, self.mask, context)
-                if not isinstance(out, Tensor) or out.shape != x.shape or out.dtype != x.dtype:
-                    got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
-                    s.fail(f"input {tuple(x.shape)} {dtype} gave {got}; expected the input's shape and dtype")
-                assert_finite(s, out, f"the output (dtype {dtype}, with a key padding mask)")
-                if not torch.equal(x, before):
-                    s.fail("forward modified its input in place")
+                assert_output_like_input(
+                    s,
+                    lambda x, block=block, context=context: self.call(block, x, self.mask, context),
+                    self.x.to(dtype),
+                    f"the output (dtype {dtype}, with a key padding mask)",
+                )
 
     def causality(self) -> None:
         s = self.subject

@@ -16,6 +16,7 @@ from plugformer.testing._support import (
     Subject,
     assert_close,
     assert_finite,
+    assert_output_like_input,
     check_determinism,
     check_gradients,
     check_state_dict_round_trip,
@@ -102,16 +103,7 @@ class _PositionWiseChecks:
         with s.check("output shape and dtype"):
             for dtype in dict.fromkeys((torch.float32, s.dtype)):
                 module = s.build(dtype=dtype).eval()
-                x = self.x.to(dtype)
-                before = x.clone()
-                with torch.no_grad():
-                    out = module(x)
-                if not isinstance(out, Tensor) or out.shape != x.shape or out.dtype != x.dtype:
-                    got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
-                    s.fail(f"input {tuple(x.shape)} {dtype} gave {got}; expected the input's shape and dtype")
-                assert_finite(s, out, f"the output (dtype {dtype})")
-                if not torch.equal(x, before):
-                    s.fail("forward modified its input in place")
+                assert_output_like_input(s, module, self.x.to(dtype), f"the output (dtype {dtype})")
 
     def extreme_inputs(self) -> None:
         s = self.subject
