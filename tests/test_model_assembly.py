@@ -53,9 +53,11 @@ def test_single_layers_take_a_component_with_options_by_index() -> None:
     assert isinstance(blocks[2], ParallelBlock) and isinstance(blocks[0].attention, FullAttention)
 
 
-def test_a_plan_naming_a_missing_layer_is_refused() -> None:
+def test_a_plan_naming_a_missing_layer_or_slot_is_refused() -> None:
     with pytest.raises(ConfigError, match="layers that do not exist: 7"):
         built("model.n_layers=2", "+model.plan.layers.7.attention=local")
+    with pytest.raises(ConfigError, match="model.plan.layers.1 sets atention"):
+        built("model.n_layers=2", "+model.plan.layers.1.atention=local")
 
 
 def test_capabilities_are_checked_layer_by_layer() -> None:

@@ -89,6 +89,14 @@ def resolve_plan(
     overrides = plan.get("layers") or {}
     stacks: dict[str, list[LayerSpec]] = {}
     sizes = stack_sizes(model_cfg, architecture)
+    for key, entry in overrides.items():
+        unknown_slots = sorted(set(entry or {}) - set(PLANNED_SLOTS))
+        if unknown_slots:
+            raise ConfigError(
+                f"model.plan.layers.{key} sets {', '.join(unknown_slots)}, which a layer does not have.",
+                expected=f"slots among {', '.join(PLANNED_SLOTS)}",
+                fix=f"write e.g. +model.plan.layers.{key}.attention=<name>",
+            )
     used: set[str] = set()
     for stack, size in sizes.items():
         layers = []
@@ -105,7 +113,8 @@ def resolve_plan(
                 for key in (str(index), f"{stack}.{index}"):
                     entry = overrides.get(key)
                     if entry is not None and entry.get(slot) is not None:
-                        node, _ = entry[slot], used.add(key)
+                        node = entry[slot]
+                        used.add(key)
                 slots[slot] = _choice(slot, kind, node, base, options, make_chosen, f"model.plan, {stack} layer {index}")
             layers.append(LayerSpec(stack=stack, index=index, **slots))
         stacks[stack] = layers
