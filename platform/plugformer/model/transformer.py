@@ -142,7 +142,6 @@ class Transformer(nn.Module):
         stacks: dict[str, Stack],
         objective: Objective,
         architecture: str,
-        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.token_embedding = token_embedding
