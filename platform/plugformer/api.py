@@ -86,7 +86,7 @@ def build(cfg: DictConfig, *, plugins: Plugins | None = None, run_dir: str | Pat
     call_hook(hooks, "validate_config", expect=object, cfg=cfg, registry=registry)  # a raising plugin is named
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data_choice = chosen["data"]
-    data = data_choice.component.factory(data_choice.config, DataContext(cache_dir=Path(cfg.paths.cache_dir), seed=cfg.seed))
+    data = data_choice.component.factory(data_choice.config, DataContext(cache_dir=Path(cfg.paths.cache_dir), seed=cfg.seed, run_dir=Path(run_dir) if run_dir else None))
     data.prepare()
     model = build_model(cfg, chosen, data, plan)
     call_hook(hooks, "model_built", expect=object, model=model, cfg=cfg)

@@ -15,10 +15,13 @@ Flags in use by the built-ins (plugins may add their own):
   ``relative_terms`` and requires the matching flag from the attention.
 - block provides ``cross_attention`` when it can hold one (decoders of encoder–decoders).
 - objective provides its architecture (``decoder``, ``encoder``, ``encoder_decoder``) and
-  the name of the batch format it consumes (``causal_lm``, ``classification``, ``seq2seq``);
+  the name of the batch format it consumes (``causal_lm``, ``classification``, ``seq2seq``,
+  ``token_blocks``: packed blocks of text tokens, which causal LM, masked LM and span
+  corruption all read);
   each layer's self-attention must then provide ``causal`` (decoder) or ``bidirectional``
   (encoder).
-- data requires that batch format from the objective.
+- data requires that batch format from the objective, and provides the special tokens it
+  declares (``mask_token``, ``sentinel_tokens``, ``eos_token``), which objectives require.
 """
 
 from __future__ import annotations

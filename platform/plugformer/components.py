@@ -67,10 +67,15 @@ class BuildContext:
 
 @dataclass(frozen=True)
 class DataContext:
-    """What a data task's factory may read: where to cache and the run's seed."""
+    """What a data task's factory may read: where to cache, the run's seed, and the run's
+    directory (None outside a run). A task that fits something to its training data (a
+    tokenizer) saves it in ``run_dir`` and, when it is already there (a resumed run, or
+    ``plugformer eval``/``generate`` on other data), uses that copy, so a run always reads
+    its data exactly as it was trained."""
 
     cache_dir: Path
     seed: int = 0
+    run_dir: Path | None = None
 
 
 def mark_residual_projection(linear: nn.Linear) -> nn.Linear:
@@ -180,6 +185,27 @@ class Objective(nn.Module):
 
     def forward(self, hidden: Tensor, batch: dict[str, Tensor]) -> ObjectiveOutput:
         raise NotImplementedError
+
+    def prepare_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch the model and :meth:`forward` see, made from the data task's batch on its
+        device: masking (BERT), span corruption (T5) and the like happen here, so each epoch
+        sees fresh noise (dynamic masking). The training loop and ``plugformer eval`` call it
+        once per batch; ``model(batch)`` does not. Randomness comes from
+        :meth:`batch_generator`. By default the batch is returned unchanged."""
+        return batch
+
+    def batch_generator(self, batch: dict[str, Tensor]) -> torch.Generator | None:
+        """The random generator :meth:`prepare_batch` draws from: None (torch's global
+        generator, seeded by the run) while training; in eval mode a generator seeded from the
+        batch's tokens, so validation noise is the same at every validation and comparable
+        across runs."""
+        if self.training:
+            return None
+        ids = batch["input_ids"]
+        seed = int((ids.long().flatten()[:4096] * torch.arange(1, min(ids.numel(), 4096) + 1, device=ids.device)).sum())
+        generator = torch.Generator(device=ids.device)
+        generator.manual_seed(seed % (2**63))
+        return generator
 
     def model_inputs(self, batch: dict[str, Tensor]) -> ModelInputs:
         """The model's inputs from a batch; by default ``input_ids``, ``attention_mask`` and,

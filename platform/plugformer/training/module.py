@@ -105,6 +105,7 @@ class TrainingModule(pl.LightningModule):
         return terms
 
     def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        batch = self.model.objective.prepare_batch(batch)
         state = self._state_for(stage, batch)
         outputs = self.model(batch, state=state)
         if state is not None:

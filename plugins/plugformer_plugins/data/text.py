@@ -493,5 +493,5 @@ COMPONENT = Component(
     config=TextConfig,
     summary="Language modelling on text files or a Hub dataset: char, byte or trained BPE tokens, packed blocks.",
     reference="Sennrich et al. 2016, Neural Machine Translation of Rare Words with Subword Units (BPE)",
-    capabilities=Capabilities(requires={"objective": {"causal_lm"}}),
+    capabilities=Capabilities(requires={"objective": {"token_blocks"}}),
 )

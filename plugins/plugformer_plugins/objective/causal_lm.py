@@ -56,5 +56,5 @@ COMPONENT = Component(
     config=CausalLMConfig,
     summary="Next-token cross-entropy with a decoder; perplexity and token accuracy.",
     reference="Radford et al. 2018, Improving Language Understanding by Generative Pre-Training",
-    capabilities=Capabilities(provides={"causal_lm", "decoder"}, requires={"attention": {"causal"}}),
+    capabilities=Capabilities(provides={"causal_lm", "token_blocks", "decoder"}, requires={"attention": {"causal"}}),
 )
