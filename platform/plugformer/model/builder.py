@@ -141,6 +141,7 @@ def build_model(cfg: DictConfig, chosen: dict[str, Chosen], data: DataTask, plan
         stacks[stack] = Stack(stack, position, blocks, final_norm, model_cfg.dropout)
     head_ctx = replace(base, causal=plan.architecture != "encoder", token_embedding=token_embedding if model_cfg.tie_embeddings else None)
     model = Transformer(token_embedding, stacks, make("objective", head_ctx), plan.architecture)
+    model.incremental_decoding = all("incremental_decoding" in layer.attention.provides() for layer in plan.stacks.get("decoder", []))
     initialize(model, sum(sizes.values()))
     return model
 

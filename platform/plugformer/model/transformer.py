@@ -133,8 +133,11 @@ class Transformer(nn.Module):
     ``forward(batch, state=None)`` returns the objective's :class:`ObjectiveOutput`;
     :meth:`hidden_states` runs the stacks on :class:`ModelInputs` and returns the last
     stack's output (batch, length, d_model). ``architecture`` is "decoder", "encoder" or
-    "encoder_decoder".
+    "encoder_decoder". ``incremental_decoding``: every self-attention of the decoder declares
+    it, so generation may feed one token at a time with the state (set by the builder).
     """
+
+    incremental_decoding: bool = False
 
     def __init__(
         self,
