@@ -125,18 +125,42 @@ class LoadedRun:
     data: DataTask
     summary: dict[str, Any]
     checkpoint: Path
+    hooks: Any = None
 
     @property
     def tokenizer(self) -> Any:
         """The data task's tokenizer, or None for tasks without one (synthetic token ids)."""
         return getattr(self.data, "tokenizer", None)
 
-    def generate(self, input_ids: Any, max_new_tokens: int, **options: Any) -> Any:
-        """Greedy continuation of ``input_ids`` with the model's decoding state
-        (:func:`plugformer.model.generation.greedy`)."""
-        from plugformer.model.generation import greedy
+    def generate(self, input_ids: Any, max_new_tokens: int = 64, *, attention_mask: Any = None, **options: Any) -> Any:
+        """The tokens decoding appends to ``input_ids`` (a decoder's prompt, left-padded
+        with ``attention_mask``; an encoder–decoder's source), with the model's state when
+        its attention decodes incrementally. ``options`` are :class:`DecodingConfig` fields
+        (strategy, temperature, top_k, top_p, min_p, num_beams, length_penalty, seed,
+        use_cache); start and end tokens come from the data task's facts."""
+        from plugformer.model.generation import DecodingConfig, generate
 
-        return greedy(self.model, input_ids, max_new_tokens, **options)
+        facts = dict(self.data.facts)
+        config = DecodingConfig(max_new_tokens=max_new_tokens, **options)
+        return generate(
+            self.model, input_ids, config, attention_mask=attention_mask, start_id=facts.get("start_id"), eos_id=facts.get("eos_id")
+        )
+
+    def complete(self, prompts: Sequence[str], max_new_tokens: int = 64, **options: Any) -> list[str]:
+        """Text in, text out, as ``plugformer generate`` prints it: each prompt's
+        continuation (decoder), target (encoder–decoder), filled-in text (masked LM) or class
+        (classifier). ``options`` as for :meth:`generate`."""
+        from plugformer.model.generation import DecodingConfig
+        from plugformer.prompting import complete
+
+        config = DecodingConfig(max_new_tokens=max_new_tokens, **options)
+        return [c.output for c in complete(self, list(prompts), config)]
+
+    def evaluate(self, overrides: Sequence[str] = (), **options: Any) -> dict[str, Any]:
+        """``plugformer eval`` on this run (see :func:`plugformer.evaluation.evaluate`)."""
+        from plugformer.evaluation import evaluate
+
+        return evaluate(self.run_dir, overrides, checkpoint=str(self.checkpoint), **options)
 
 
 def load_run(run_dir: str | Path, *, checkpoint: str = "best", plugins: Plugins | None = None) -> LoadedRun:
@@ -172,7 +196,9 @@ def load_run(run_dir: str | Path, *, checkpoint: str = "best", plugins: Plugins 
     built.model.load_state_dict(weights)
     summary_file = directory / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    return LoadedRun(run_dir=directory, cfg=cfg, model=built.model.eval(), data=built.data, summary=summary, checkpoint=path)
+    return LoadedRun(
+        run_dir=directory, cfg=cfg, model=built.model.eval(), data=built.data, summary=summary, checkpoint=path, hooks=built.hooks
+    )
 
 
 _PLUGINS: Plugins | None = None

@@ -12,7 +12,9 @@ Flags in use by the built-ins (plugins may add their own):
   position's content-dependent relative scores and values), ``incremental_decoding``
   (decoding with its state equals a full forward; the kit checks it), ``cross_attention``.
 - position provides ``input_embedding``, ``qk_transform``, ``score_bias`` or
-  ``relative_terms`` and requires the matching flag from the attention.
+  ``relative_terms`` and requires the matching flag from the attention; it provides
+  ``length_extrapolation`` when it has no per-position parameters, so positions beyond the
+  training length are defined (``plugformer eval`` refuses longer data otherwise).
 - block provides ``cross_attention`` when it can hold one (decoders of encoder–decoders).
 - objective provides its architecture (``decoder``, ``encoder``, ``encoder_decoder``) and
   the name of the batch format it consumes (``causal_lm``, ``classification``, ``seq2seq``,

@@ -1,4 +1,4 @@
-"""The ``plugformer`` command: ``train`` (Hydra), ``plugins`` and ``compare``."""
+"""The ``plugformer`` command: ``train`` (Hydra), ``generate``, ``eval``, ``plugins`` and ``compare``."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     compare_parser.add_argument("paths", nargs="+", help="run directories, or folders holding them")
     compare_parser.add_argument("--out", default=None, help="folder for comparison.csv/.md/.png")
     compare_parser.add_argument("--metric", default="val/loss", help="the validation curve to plot")
+    _add_generate(commands)
+    _add_eval(commands)
 
     if not args:
         parser.print_help()
@@ -44,6 +46,9 @@ def _dispatch(parser: argparse.ArgumentParser, args: list[str]) -> int:
         from plugformer.launch import launch_training
 
         return launch_training(args[1:])
+    if args[0] == "eval":  # -m may follow the run directories (as in `plugformer train`)
+        sweep = any(a in ("-m", "--multirun") for a in args[1:])
+        args = [a for a in args if a not in ("-m", "--multirun")]
     parsed = parser.parse_args(args)
     if parsed.command == "plugins":
         from plugformer.listing import print_plugins
@@ -54,8 +59,68 @@ def _dispatch(parser: argparse.ArgumentParser, args: list[str]) -> int:
         from plugformer.compare import compare_command
 
         return compare_command(parsed.paths, out=parsed.out, metric=parsed.metric)
+    if parsed.command == "generate":
+        from plugformer.model.generation import DecodingConfig
+        from plugformer.prompting import generate_command
+
+        config = DecodingConfig(
+            strategy=parsed.strategy, max_new_tokens=parsed.max_new_tokens, temperature=parsed.temperature,
+            top_k=parsed.top_k, top_p=parsed.top_p, min_p=parsed.min_p, num_beams=parsed.beams,
+            length_penalty=parsed.length_penalty, seed=parsed.seed, use_cache=parsed.cache,
+        )
+        return generate_command(parsed.run_dir, parsed.prompt, parsed.prompts_file, config, checkpoint=parsed.checkpoint, as_json=parsed.json)
+    if parsed.command == "eval":
+        from plugformer.evaluation import eval_command
+
+        run_dirs = [a for a in parsed.arguments if "=" not in a]
+        overrides = [a for a in parsed.arguments if "=" in a]
+        return eval_command(
+            run_dirs, overrides, sweep=sweep, split=parsed.split, checkpoint=parsed.checkpoint,
+            limit_batches=parsed.limit_batches, allow_untrained_positions=parsed.allow_untrained_positions,
+        )
     parser.print_help()
     return 2
+
+
+def _add_generate(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "generate", help="generate from a finished run: continue prompts, translate sources, fill <mask>s"
+    )
+    parser.add_argument("run_dir", help="the run directory `plugformer train` wrote")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); token ids for runs without a tokenizer")
+    parser.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
+    parser.add_argument("--strategy", choices=["greedy", "sample", "beam"], default="greedy")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="sample within the nucleus of this mass (1: off)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this share of the top probability")
+    parser.add_argument("--beams", type=int, default=4, help="beam width for --strategy beam")
+    parser.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log p / length**penalty")
+    parser.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    parser.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint file")
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument("--cache", dest="cache", action="store_true", default=None, help="decode with the attention state (default when supported)")
+    cache.add_argument("--no-cache", dest="cache", action="store_false", help="recompute the whole sequence at every step")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "eval", help="evaluate finished runs: loss, perplexity and metrics on any split, data or length (-m sweeps)"
+    )
+    parser.add_argument(
+        "arguments", nargs="+", metavar="RUN_DIR|data.OPTION=VALUE",
+        help="one or more run directories, then data overrides such as data.block_size=256",
+    )
+    parser.add_argument("-m", "--multirun", action="store_true", help="sweep comma-separated override values")
+    parser.add_argument("--split", default="validation", choices=["train", "validation", "test"])
+    parser.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint file")
+    parser.add_argument("--limit-batches", type=int, default=None, help="evaluate only this many batches")
+    parser.add_argument(
+        "--allow-untrained-positions", action="store_true",
+        help="score lengths beyond training even with per-position parameters (learned positions)",
+    )
 
 
 if __name__ == "__main__":

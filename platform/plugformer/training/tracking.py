@@ -93,3 +93,33 @@ def wandb_run_dir(loggers: list[Logger]) -> Path | None:
             if isinstance(directory, str) and directory:
                 return Path(directory).parent
     return None
+
+
+def log_evaluation(cfg: DictConfig, run_dir: Path, entry: dict[str, Any]) -> None:
+    """Log an evaluation (``plugformer eval``) to the training run's W&B run: its metrics as
+    ``eval/<metric>`` beside ``eval/max_length`` (so evaluations at several lengths draw a
+    curve), and in the run's summary under ``eval/<split>@<max_length>/<metric>``. Offline
+    runs get a new offline folder with the same run id; ``wandb sync`` merges them."""
+    import wandb
+
+    from plugformer.resume import read_run_id
+
+    options = (cfg.get("logger") or {}).get("wandb") or {}
+    offline = wandb_offline(options) or not choose_online()
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run = wandb.init(
+        dir=str(run_dir),
+        id=read_run_id(run_dir),
+        resume="allow",
+        project=options.get("project", "plugformer"),
+        entity=options.get("entity"),
+        mode="offline" if offline else "online",
+        settings=wandb.Settings(silent=True),
+    )
+    try:
+        metrics = {f"eval/{name}": value for name, value in entry["metrics"].items()}
+        run.log({**metrics, "eval/max_length": entry["max_length"]})
+        label = f"eval/{entry['split']}@{entry['max_length']}"
+        run.summary.update({f"{label}/{name}": value for name, value in entry["metrics"].items()})
+    finally:
+        run.finish()

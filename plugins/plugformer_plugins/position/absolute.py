@@ -69,6 +69,7 @@ NONE = Component(
     config=NoPositionConfig,
     summary="No position encoding (NoPE); order comes only from a causal mask.",
     reference="Kazemnejad et al. 2023, The Impact of Positional Encoding on Length Generalization",
+    capabilities=Capabilities(provides={"length_extrapolation"}),
 )
 
 SINUSOIDAL = Component(
@@ -78,7 +79,7 @@ SINUSOIDAL = Component(
     config=SinusoidalPositionConfig,
     summary="Fixed sinusoidal embeddings added to the input.",
     reference="Vaswani et al. 2017, Attention Is All You Need",
-    capabilities=Capabilities(provides={"input_embedding"}),
+    capabilities=Capabilities(provides={"input_embedding", "length_extrapolation"}),
 )
 
 LEARNED = Component(

@@ -76,5 +76,5 @@ COMPONENT = Component(
     config=AlibiConfig,
     summary="ALiBi: a per-head linear penalty on query–key distance added to attention scores.",
     reference="Press et al. 2022, Train Short, Test Long: Attention with Linear Biases Enables Input Length Extrapolation",
-    capabilities=Capabilities(provides={"score_bias"}, requires={"attention": {"score_bias"}}),
+    capabilities=Capabilities(provides={"score_bias", "length_extrapolation"}, requires={"attention": {"score_bias"}}),
 )

@@ -86,5 +86,5 @@ COMPONENT = Component(
     config=RotaryConfig,
     summary="Rotary embedding: rotate query/key dimension pairs by position-dependent angles.",
     reference="Su et al. 2021, RoFormer: Enhanced Transformer with Rotary Position Embedding",
-    capabilities=Capabilities(provides={"qk_transform"}, requires={"attention": {"qk_transform"}}),
+    capabilities=Capabilities(provides={"qk_transform", "length_extrapolation"}, requires={"attention": {"qk_transform"}}),
 )

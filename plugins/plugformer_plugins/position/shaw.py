@@ -106,5 +106,5 @@ COMPONENT = Component(
     config=ShawConfig,
     summary="Shaw relative positions: learned per-layer key and value embeddings of clipped query–key distances.",
     reference="Shaw et al. 2018, Self-Attention with Relative Position Representations",
-    capabilities=Capabilities(provides={"relative_terms"}, requires={"attention": {"relative_terms"}}),
+    capabilities=Capabilities(provides={"relative_terms", "length_extrapolation"}, requires={"attention": {"relative_terms"}}),
 )

@@ -99,5 +99,5 @@ COMPONENT = Component(
     config=T5BiasConfig,
     summary="T5 relative bias: a learned per-head scalar per bucketed query–key distance, shared across layers.",
     reference="Raffel et al. 2020, Exploring the Limits of Transfer Learning with a Unified Text-to-Text Transformer",
-    capabilities=Capabilities(provides={"score_bias"}, requires={"attention": {"score_bias"}}),
+    capabilities=Capabilities(provides={"score_bias", "length_extrapolation"}, requires={"attention": {"score_bias"}}),
 )

@@ -1,0 +1,226 @@
+"""``plugformer eval``: score a finished run on any split or data, lengths included.
+
+The run's model (its best or last checkpoint) is evaluated by the same Lightning
+validation loop that training uses, so ``eval/loss`` on the training's validation split
+equals that checkpoint's ``val/loss``. Data overrides (``data.block_size=256``,
+``data.validation_files=[held_out.txt]``) build a new data task that reads tokens exactly
+as training did (the tokenizer saved in the run directory). Results are added to
+``eval.json`` beside ``summary.json`` (one entry per split, checkpoint and overrides) and,
+for a run tracked in W&B, logged to the same W&B run as ``eval/*``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from plugformer.errors import CapabilityError, ConfigError
+
+EVAL_FILE = "eval.json"
+SPLITS = ("train", "validation", "test")
+
+
+def evaluate(
+    run_dir: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    split: str = "validation",
+    checkpoint: str = "best",
+    limit_batches: int | None = None,
+    allow_untrained_positions: bool = False,
+    track: bool = True,
+) -> dict[str, Any]:
+    """Evaluate the run in ``run_dir`` on ``split`` of its data task with ``overrides``
+    (``data.<option>=<value>``); returns the entry written to ``eval.json``: the metrics
+    (``loss``, ``perplexity`` and the objective's), the evaluated and trained lengths, the
+    number of batches and the time taken. ``track``: also log to the run's W&B run."""
+    import lightning.pytorch as pl
+
+    from plugformer.api import load_run
+    from plugformer.plugins import call_hook
+    from plugformer.training.module import TrainingModule
+
+    if split not in SPLITS:
+        raise ConfigError(f"Unknown split {split!r}.", expected=f"one of {', '.join(SPLITS)}", fix="pass --split validation")
+    quiet_libraries()
+    run = load_run(run_dir, checkpoint=checkpoint)
+    cfg = _with_overrides(run.cfg, overrides)
+    data = _evaluation_data(run, cfg, overrides)
+    _check_lengths(run, cfg, data.max_length, allow_untrained_positions)
+    loader = {"train": data.train_dataloader, "validation": data.val_dataloader, "test": data.test_dataloader}[split]()
+    module = TrainingModule(run.model, cfg.optim, run.hooks, carry_state=bool(getattr(data, "streams", False)))
+    callbacks = [c for _, contributed in call_hook(run.hooks, "lightning_callbacks", expect=list, cfg=cfg) for c in contributed]
+    trainer = pl.Trainer(
+        accelerator="auto", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=callbacks, limit_val_batches=limit_batches or 1.0,
+        default_root_dir=str(run.run_dir),
+    )
+    started = time.perf_counter()
+    trainer.validate(module, dataloaders=loader, verbose=False)
+    seconds = time.perf_counter() - started
+    metrics = {name.split("/", 1)[1]: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val/")}
+    if "loss" in metrics:
+        metrics["perplexity"] = math.exp(min(metrics["loss"], 700.0))
+    entry = {
+        "split": split,
+        "checkpoint": run.checkpoint.name,
+        "overrides": list(overrides),
+        "metrics": dict(sorted(metrics.items())),
+        "max_length": int(data.max_length),
+        "trained_max_length": int(run.data.max_length),
+        "batches": int(trainer.num_val_batches[0]) if trainer.num_val_batches else 0,
+        "seconds": round(seconds, 3),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    record_evaluation(run.run_dir, entry)
+    if track and "wandb" in (run.cfg.get("logger") or {}):
+        from plugformer.training.tracking import log_evaluation
+
+        log_evaluation(run.cfg, run.run_dir, entry)
+    return entry
+
+
+def quiet_libraries() -> None:
+    """Lightning's start-up notes (accelerators, tips, batch limits) and the datasets
+    progress bars say nothing about an evaluation; warnings stay."""
+    import logging
+    import warnings
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+def _with_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if "=" not in override or not key.startswith("data."):
+            raise ConfigError(
+                f"plugformer eval takes data overrides only, not {override!r}.",
+                expected="data.<option>=<value>, e.g. data.block_size=256 or data.validation_files=[held_out.txt]",
+                fix="the model and objective come from the run; change only how the data is read",
+            )
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))  # type: ignore[return-value]
+
+
+def _evaluation_data(run: Any, cfg: DictConfig, overrides: Sequence[str]) -> Any:
+    """The run's data task, or (with overrides) a new one reading tokens as training did."""
+    if not overrides:
+        return run.data
+    from plugformer.api import _session_plugins
+    from plugformer.components import DataContext
+    from plugformer.model.builder import choose_components
+
+    chosen = choose_components(cfg, _session_plugins().registry)["data"]
+    data = chosen.component.factory(chosen.config, DataContext(cache_dir=Path(cfg.paths.cache_dir), seed=cfg.seed, run_dir=run.run_dir))
+    data.prepare()
+    if data.vocab_size != run.data.vocab_size:
+        raise ConfigError(
+            f"With these overrides the data has a vocabulary of {data.vocab_size}, the run was trained on {run.data.vocab_size}.",
+            expected="data read with the run's vocabulary",
+            fix="keep the options that define the vocabulary (tokenizer, vocab_size) as they were in training",
+        )
+    return data
+
+
+def _check_lengths(run: Any, cfg: DictConfig, length: int, allow_untrained_positions: bool) -> None:
+    """Refuse lengths a component cannot handle; refuse lengths beyond training for a
+    position encoding with per-position parameters (they were never trained there)."""
+    from plugformer.api import _session_plugins
+    from plugformer.compatibility import check_length
+    from plugformer.model.builder import check_components, choose_components
+
+    registry = _session_plugins().registry
+    chosen = choose_components(cfg, registry)
+    plan = check_components(cfg, chosen, registry)
+    for layer in plan.layers():
+        check_length({**layer.slots(), "position": chosen["position"]}, length)
+    trained = int(run.data.max_length)
+    position = chosen["position"]
+    if length > trained and "length_extrapolation" not in position.provides() and not allow_untrained_positions:
+        raise CapabilityError(
+            f"position {position.name!r} has parameters per position and was trained on sequences of at most "
+            f"{trained}; positions {trained}..{length - 1} of this evaluation were never trained.",
+            expected=f"an evaluation length of at most {trained}, or a position encoding that provides length_extrapolation "
+            "(alibi, rope, sinusoidal, t5, shaw, none)",
+            fix=f"evaluate at data lengths <= {trained}, or pass --allow-untrained-positions to score them anyway",
+        )
+
+
+def record_evaluation(run_dir: Path, entry: dict[str, Any]) -> None:
+    """Add ``entry`` to ``run_dir/eval.json``, replacing an earlier one with the same split,
+    checkpoint and overrides; written atomically."""
+    path = Path(run_dir) / EVAL_FILE
+    entries = json.loads(path.read_text()).get("evaluations", []) if path.is_file() else []
+    same = lambda e: (e["split"], e["checkpoint"], e["overrides"]) == (entry["split"], entry["checkpoint"], entry["overrides"])
+    entries = [e for e in entries if not same(e)] + [entry]
+    staging = path.with_suffix(f".{os.getpid()}.tmp")
+    staging.write_text(json.dumps({"evaluations": entries}, indent=2) + "\n")
+    os.replace(staging, path)
+
+
+def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
+    """Every combination of the comma-separated (or Hydra range/choice) values in
+    ``overrides``, as in ``plugformer train -m``."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    axes = []
+    for override in parsed:
+        key = override.get_key_element()
+        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_element_as_str()]
+        axes.append([f"{key}={value}" for value in values])
+    return [list(combination) for combination in itertools.product(*axes)]
+
+
+def format_entry(run_dir: Path, entry: dict[str, Any]) -> str:
+    shown = ", ".join(f"{name} {value:.4g}" for name, value in entry["metrics"].items())
+    where = " ".join(entry["overrides"]) or "as trained"
+    return (
+        f"{run_dir} [{where}] {entry['split']} (length {entry['max_length']}, trained {entry['trained_max_length']}): "
+        f"{shown} ({entry['batches']} batches, {entry['seconds']:.1f} s)"
+    )
+
+
+def eval_command(run_dirs: Sequence[str], overrides: Sequence[str], *, sweep: bool, split: str, checkpoint: str, limit_batches: int | None, allow_untrained_positions: bool) -> int:
+    """``plugformer eval``: each run directory under each combination of overrides."""
+    if not run_dirs:
+        raise ConfigError("No run directory given.", expected="plugformer eval RUN_DIR [data.OPTION=VALUE ...]", fix="name a run directory")
+    combinations = expand_sweep(overrides)
+    if len(combinations) > 1 and not sweep:
+        raise ConfigError(
+            f"The overrides {' '.join(overrides)} name several values; that is a sweep.",
+            expected="one value per option, or -m to evaluate every combination",
+            fix="add -m (plugformer eval RUN_DIR -m data.block_size=128,256)",
+        )
+    from plugformer.errors import PlugformerError, report_user_error
+
+    failed = 0
+    for run_dir in run_dirs:
+        for combination in combinations:
+            try:
+                entry = evaluate(
+                    run_dir, combination, split=split, checkpoint=checkpoint, limit_batches=limit_batches,
+                    allow_untrained_positions=allow_untrained_positions,
+                )
+            except PlugformerError as error:
+                if len(run_dirs) * len(combinations) == 1:
+                    raise
+                failed += 1  # one refused evaluation does not stop a sweep
+                print(f"{run_dir} [{' '.join(combination)}]: refused", flush=True)
+                report_user_error(error)
+                continue
+            print(format_entry(Path(run_dir), entry), flush=True)
+    return 1 if failed else 0
