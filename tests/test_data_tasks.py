@@ -186,7 +186,8 @@ def test_text_local_files_with_validation_and_unknown_characters(tmp_path: Path)
     (tmp_path / "valid.txt").write_text("abz zz\n" * 10)
     task = text_task(tmp_path / "cache", train_files=[str(tmp_path / "a*.txt")], validation_files=[str(tmp_path / "valid.txt")], block_size=8)
     task.prepare()
-    assert task.vocab_size == 2 + len(set("abc \n"))
+    # pad, unk, the characters, then bos, eos, mask and data.sentinel_tokens sentinels
+    assert task.vocab_size == 2 + len(set("abc \n")) + 3 + task.config.sentinel_tokens
     validation_ids = [i for row in task.splits["validation"] for i in row["input_ids"].tolist()]
     assert text.CharTokenizer.UNK_ID in validation_ids
 
@@ -266,4 +267,4 @@ def test_classification_asks_for_an_encoder(registry) -> None:
     requires = component.capabilities_for().requires["attention"]
     assert {"bidirectional", "key_padding_mask"} <= requires and "causal" not in requires
     assert "classification" in registry.get("data", "listops").capabilities_for().requires["objective"]
-    assert "causal_lm" in registry.get("data", "text").capabilities_for().requires["objective"]
+    assert "token_blocks" in registry.get("data", "text").capabilities_for().requires["objective"]

@@ -1,11 +1,17 @@
-"""Causal language modelling on text: local files or a Hugging Face Hub dataset, tokenized by
-characters, bytes or a byte-level BPE trained on the training text, and packed into blocks.
+"""Language modelling on text: local files or a Hugging Face Hub dataset, tokenized by
+characters, bytes, a byte-level BPE trained on the training text or a pretrained Hugging Face
+tokenizer (see :mod:`plugformer_plugins.data.tokenization`), and packed into blocks.
 
 The text of a split is concatenated and cut into blocks of ``block_size + 1`` tokens that
 overlap by one token (so every next-token pair is scored once): ``input_ids = block[:-1]``,
 ``labels = block[1:]``. Without validation files, the last ``validation_fraction`` of the
 training lines becomes the validation split. With no files and no hub dataset configured,
 the small English corpus shipped in ``plugformer_plugins/data/corpus`` is used.
+
+The tokenizer is saved as ``tokenizer.json`` in the run directory; when the run directory
+already holds one (a resumed run, ``plugformer eval``/``generate``), that one is used as is.
+``facts`` declare its special ids (pad, bos, eos, mask, sentinels), which objectives
+(masked LM, span corruption) and generation read.
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
-import json
 import os
 import socket
+import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -29,19 +36,33 @@ from datasets import Dataset, DatasetDict, load_dataset
 from filelock import FileLock
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import HfHubHTTPError
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from plugformer import Capabilities, Component, ConfigError, DataContext, DataError, bounds
 from plugformer.data import CachedDatasetTask, parameters_key
+from plugformer_plugins.data.tokenization import (  # noqa: F401 - tokenizers re-exported from here too
+    PAD_ID,
+    TOKENIZER_VERSION,
+    BPETokenizer,
+    ByteTokenizer,
+    CharTokenizer,
+    PretrainedTokenizer,
+    SpecialTokens,
+    TextTokenizer,
+    load_pretrained,
+    pretrained_digest,
+    tokenizer_from_json,
+)
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
-PAD_ID = 0
+#: The tokenizer's file in a run directory.
+RUN_TOKENIZER_FILE = "tokenizer.json"
 
 
 class Tokenization(str, Enum):
     char = "char"
     byte = "byte"
     bpe = "bpe"
+    pretrained = "pretrained"
 
 
 @dataclass
@@ -59,103 +80,14 @@ class TextConfig:
     encoding: str = "utf-8"
     tokenizer: Tokenization = Tokenization.char
     bpe_vocab_size: int = field(default=1024, metadata=bounds(ge=258))
+    # tokenizer=pretrained: a local tokenizer.json, or a directory with tokenizer.json,
+    # vocab.json + merges.txt or vocab.txt (and tokenizer_config.json / special_tokens_map.json).
+    tokenizer_path: Optional[str] = None
+    # T5-style sentinel tokens <extra_id_0> .. <extra_id_{N-1}> every tokenizer reserves.
+    sentinel_tokens: int = field(default=16, metadata=bounds(ge=0))
     block_size: int = field(default=128, metadata=bounds(ge=1))
     batch_size: int = field(default=32, metadata=bounds(ge=1))
     num_workers: int = field(default=0, metadata=bounds(ge=0))
-
-
-# --- tokenizers ---------------------------------------------------------------------------
-
-
-class CharTokenizer:
-    """One id per character seen in the training text; PAD=0, UNK=1 for anything else."""
-
-    kind = "char"
-    UNK_ID = 1
-
-    def __init__(self, chars: str) -> None:
-        self.chars = chars
-        self.index = {ch: i + 2 for i, ch in enumerate(chars)}
-        self.vocab_size = len(chars) + 2
-
-    @classmethod
-    def train(cls, texts: Iterator[list[str]]) -> CharTokenizer:
-        seen: set[str] = set()
-        for batch in texts:
-            for text in batch:
-                seen.update(text)
-        return cls("".join(sorted(seen)))
-
-    def encode(self, text: str) -> list[int]:
-        return [self.index.get(ch, self.UNK_ID) for ch in text]
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(self.chars[i - 2] if i >= 2 else "\ufffd" for i in map(int, ids) if i != PAD_ID)
-
-    def to_json(self) -> str:
-        return json.dumps({"kind": self.kind, "chars": self.chars})
-
-
-class ByteTokenizer:
-    """The UTF-8 bytes, shifted by one: id = byte + 1, PAD=0 (257 ids)."""
-
-    kind = "byte"
-    vocab_size = 257
-
-    def encode(self, text: str) -> list[int]:
-        return (np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64) + 1).tolist()
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(i - 1 for i in map(int, ids) if i != PAD_ID).decode("utf-8", errors="replace")
-
-    def to_json(self) -> str:
-        return json.dumps({"kind": self.kind})
-
-
-class BPETokenizer:
-    """A byte-level BPE (as in GPT-2) trained with Hugging Face ``tokenizers``; lossless for
-    any text; id 0 is ``<pad>``."""
-
-    kind = "bpe"
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.vocab_size = tokenizer.get_vocab_size()
-
-    @classmethod
-    def train(cls, texts: Iterator[list[str]], vocab_size: int) -> BPETokenizer:
-        tokenizer = Tokenizer(models.BPE())
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tokenizer.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=["<pad>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        tokenizer.train_from_iterator(texts, trainer=trainer)
-        return cls(tokenizer)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode([int(i) for i in ids if int(i) != PAD_ID])
-
-    def to_json(self) -> str:
-        return json.dumps({"kind": self.kind, "tokenizer": json.loads(self.tokenizer.to_str())})
-
-
-TextTokenizer = CharTokenizer | ByteTokenizer | BPETokenizer
-
-
-def tokenizer_from_json(text: str) -> TextTokenizer:
-    data = json.loads(text)
-    if data["kind"] == "char":
-        return CharTokenizer(data["chars"])
-    if data["kind"] == "byte":
-        return ByteTokenizer()
-    return BPETokenizer(Tokenizer.from_str(json.dumps(data["tokenizer"])))
 
 
 # --- sources ------------------------------------------------------------------------------
@@ -341,7 +273,8 @@ def pack(ids: np.ndarray, block_size: int, split: str) -> Dataset:
 
 
 class TextTask(CachedDatasetTask):
-    """Causal LM batches from text. After :meth:`prepare`, ``tokenizer`` encodes and decodes."""
+    """Packed token blocks from text. After :meth:`prepare`, ``tokenizer`` encodes and decodes,
+    ``pad_id`` is the tokenizer's pad id and ``facts`` hold the special ids."""
 
     name = "text"
     pad_id = PAD_ID
@@ -350,6 +283,7 @@ class TextTask(CachedDatasetTask):
         check_config(config)
         super().__init__(ctx.cache_dir, config.batch_size, config.num_workers)
         self.config = config
+        self.run_dir = Path(ctx.run_dir) if ctx.run_dir is not None else None
         self.tokenizer: TextTokenizer | None = None
         self._source: dict[str, Any] | None = None
         self._raw: DatasetDict | None = None
@@ -374,9 +308,14 @@ class TextTask(CachedDatasetTask):
         return self._source
 
     def tokenizer_key(self) -> dict[str, Any]:
+        """What the tokenizer depends on: its kind, the sentinel count, and the training text
+        (char, bpe) or the pretrained files' content hash."""
         c = self.config
-        key: dict[str, Any] = {"kind": Tokenization(c.tokenizer).value, "version": 1}
-        if key["kind"] != "byte":
+        key: dict[str, Any] = {"kind": Tokenization(c.tokenizer).value, "version": TOKENIZER_VERSION,
+                               "sentinel_tokens": c.sentinel_tokens}
+        if key["kind"] == "pretrained":
+            key["files"] = pretrained_digest(self.pretrained_path())
+        elif key["kind"] != "byte":
             key["source"] = self.source_key()
         if key["kind"] == "bpe":
             key["vocab_size"] = c.bpe_vocab_size
@@ -386,7 +325,7 @@ class TextTask(CachedDatasetTask):
         assert self.tokenizer is not None
         # The tokenizer's own content, so a retrained tokenizer never meets stale token ids.
         fingerprint = hashlib.sha256(self.tokenizer.to_json().encode()).hexdigest()[:16]
-        return {"source": self.source_key(), "tokenizer": fingerprint, "block_size": self.config.block_size, "version": 1}
+        return {"source": self.source_key(), "tokenizer": fingerprint, "block_size": self.config.block_size, "version": 2}
 
     def train_paths(self) -> list[Path]:
         if self.config.train_files:
@@ -428,25 +367,51 @@ class TextTask(CachedDatasetTask):
         for batch in self.raw_text()[split].iter(batch_size=1000):
             yield batch["text"]
 
+    def pretrained_path(self) -> Path:
+        """data.tokenizer_path, for tokenizer=pretrained; ConfigError when it is not set."""
+        if not self.config.tokenizer_path:
+            raise ConfigError(
+                "data.tokenizer=pretrained needs data.tokenizer_path.",
+                expected="a local tokenizer.json, or a directory with tokenizer.json, vocab.json + merges.txt or vocab.txt",
+                fix="set data.tokenizer_path=<directory or file> (e.g. a directory saved by save_pretrained)",
+            )
+        return Path(self.config.tokenizer_path).expanduser()
+
     def train_tokenizer(self) -> TextTokenizer:
-        kind = Tokenization(self.config.tokenizer)
+        """A new tokenizer for the config: trained on the training split, or read from files."""
+        kind, sentinels = Tokenization(self.config.tokenizer), self.config.sentinel_tokens
         if kind is Tokenization.byte:
-            return ByteTokenizer()
+            return ByteTokenizer(sentinels)
         if kind is Tokenization.char:
-            return CharTokenizer.train(self._texts("train"))
-        return BPETokenizer.train(self._texts("train"), self.config.bpe_vocab_size)
+            return CharTokenizer.train(self._texts("train"), sentinels)
+        if kind is Tokenization.pretrained:
+            return load_pretrained(self.pretrained_path(), sentinels)
+        return BPETokenizer.train(self._texts("train"), self.config.bpe_vocab_size, sentinels)
 
     def load_tokenizer(self) -> TextTokenizer:
-        """The tokenizer for these parameters, trained once and then read from the cache."""
+        """The run directory's tokenizer when it has one; otherwise the tokenizer for these
+        parameters (trained once, then read from the cache), saved into the run directory."""
+        run_dir = self.run_dir
+        saved = run_dir / RUN_TOKENIZER_FILE if run_dir is not None else None
+        if saved is not None and saved.is_file():
+            tokenizer = read_tokenizer(saved)
+            if tokenizer.kind != Tokenization(self.config.tokenizer).value:
+                warnings.warn(
+                    f"plugformer: data.tokenizer={Tokenization(self.config.tokenizer).value}, but the run directory's "
+                    f"{saved} is a {tokenizer.kind} tokenizer; using the run's tokenizer.",
+                    stacklevel=2,
+                )
+            return tokenizer
         root = self.cache_dir / f"{self.name}-tokenizers"
         root.mkdir(parents=True, exist_ok=True)
         path = root / f"{parameters_key(self.tokenizer_key())}.json"
         with FileLock(str(path) + ".lock"):
             if not path.exists():
-                staging = path.with_suffix(f".{os.getpid()}.tmp")
-                staging.write_text(self.train_tokenizer().to_json())
-                os.replace(staging, path)
-        return tokenizer_from_json(path.read_text())
+                write_atomically(path, self.train_tokenizer().to_json())
+        text = path.read_text()
+        if saved is not None:
+            write_atomically(saved, text)
+        return tokenizer_from_json(text)
 
     def encode_split(self, split: str) -> np.ndarray:
         """All of a split's text as one array of token ids."""
@@ -460,7 +425,26 @@ class TextTask(CachedDatasetTask):
     def prepare(self) -> None:
         if self.splits is None:
             self.tokenizer = self.load_tokenizer()
+            self.pad_id = self.tokenizer.special.pad
             super().prepare()
+
+    @property
+    def facts(self) -> dict[str, Any]:
+        """The special token ids (after :meth:`prepare`): ``pad_id``, ``bos_id``, ``eos_id``,
+        ``mask_id``, ``sentinel_ids``, ``special_ids`` (every special id, sorted, unk
+        included) and ``start_id`` (= ``bos_id``, where decoders of encoder–decoders start)."""
+        if self.tokenizer is None:
+            return {}
+        special = self.tokenizer.special
+        return {
+            "pad_id": special.pad,
+            "bos_id": special.bos,
+            "eos_id": special.eos,
+            "mask_id": special.mask,
+            "sentinel_ids": list(special.sentinels),
+            "special_ids": special.ids(),
+            "start_id": special.bos,
+        }
 
     def describe(self, splits: DatasetDict) -> None:
         assert self.tokenizer is not None
@@ -478,12 +462,47 @@ def check_config(config: TextConfig) -> None:
             expected="a fraction such as 0.1",
             fix="set data.validation_fraction, or give data.validation_files",
         )
-    if Tokenization(config.tokenizer) is Tokenization.bpe and config.bpe_vocab_size <= 257:
+    if config.sentinel_tokens < 0:
+        raise ConfigError(
+            f"data.sentinel_tokens={config.sentinel_tokens} is negative.", expected="0 or more", fix="set data.sentinel_tokens"
+        )
+    reserved = 256 + 4 + config.sentinel_tokens  # byte symbols, pad, bos, eos, mask, sentinels
+    if Tokenization(config.tokenizer) is Tokenization.bpe and config.bpe_vocab_size <= reserved:
         raise ConfigError(
             f"data.bpe_vocab_size={config.bpe_vocab_size} leaves no room for merges.",
-            expected="more than 257 (256 byte symbols and <pad>)",
-            fix="raise data.bpe_vocab_size, e.g. 1024",
+            expected=f"more than {reserved} (256 byte symbols, pad, bos, eos, mask and "
+            f"data.sentinel_tokens={config.sentinel_tokens})",
+            fix="raise data.bpe_vocab_size, e.g. 1024 (or lower data.sentinel_tokens)",
         )
+
+
+def text_capabilities(config: TextConfig) -> Capabilities:
+    """Packed token blocks for the objective; the special tokens the tokenizers declare
+    (``sentinel_tokens`` only when data.sentinel_tokens > 0)."""
+    provides = {"mask_token", "eos_token"} | ({"sentinel_tokens"} if config.sentinel_tokens > 0 else set())
+    return Capabilities(provides=provides, requires={"objective": {"token_blocks"}})
+
+
+def read_tokenizer(path: Path) -> TextTokenizer:
+    """The tokenizer saved at ``path`` by :func:`write_atomically`; DataError if unreadable."""
+    try:
+        return tokenizer_from_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, KeyError) as error:
+        raise DataError(
+            f"The run's tokenizer {path} cannot be read ({error}).",
+            expected="the tokenizer.json plugformer saved in the run directory",
+            fix=f"restore it, or delete {path} to rebuild it from the data config (token ids may then differ "
+            "from the ones the model was trained on)",
+        ) from None
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so readers (and other
+    processes writing the same content at once, e.g. DDP ranks) never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    staging.write_text(text, encoding="utf-8")
+    os.replace(staging, path)
 
 
 COMPONENT = Component(
@@ -493,5 +512,5 @@ COMPONENT = Component(
     config=TextConfig,
     summary="Language modelling on text files or a Hub dataset: char, byte or trained BPE tokens, packed blocks.",
     reference="Sennrich et al. 2016, Neural Machine Translation of Rare Words with Subword Units (BPE)",
-    capabilities=Capabilities(requires={"objective": {"token_blocks"}}),
+    capabilities=text_capabilities,
 )
