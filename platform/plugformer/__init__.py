@@ -2,7 +2,7 @@
 
 This module is the public API that plugins build on (built-in and third-party alike), and
 the Python API beside the CLI: :func:`compose`, :func:`build`, :func:`train`,
-:func:`load_run`.
+:func:`load_run`, :func:`evaluate`.
 """
 
 from plugformer.api import Built, LoadedRun, build, compose, load_run, train
@@ -10,6 +10,7 @@ from plugformer.attention import Attention, AttentionState, KVCache, causal_allo
 from plugformer.blocks import Block, BlockParts, LayerState, StepInputs
 from plugformer.bounds import Bounds, bounds, check_bounds
 from plugformer.capabilities import Capabilities
+from plugformer.evaluation import evaluate
 from plugformer.compatibility import Chosen
 from plugformer.components import (
     BuildContext,
@@ -73,6 +74,7 @@ __all__ = [
     "build",
     "causal_allowed",
     "compose",
+    "evaluate",
     "hookimpl",
     "load_run",
     "mark_residual_projection",

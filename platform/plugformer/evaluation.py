@@ -79,11 +79,11 @@ def evaluate(
         "seconds": round(seconds, 3),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    record_evaluation(run.run_dir, entry)
+    count = record_evaluation(run.run_dir, entry)
     if track and "wandb" in (run.cfg.get("logger") or {}):
         from plugformer.training.tracking import log_evaluation
 
-        log_evaluation(run.cfg, run.run_dir, entry)
+        log_evaluation(run.cfg, run.run_dir, entry, step=int(run.summary.get("global_step", 0)) + count)
     return entry
 
 
@@ -157,16 +157,19 @@ def _check_lengths(run: Any, cfg: DictConfig, length: int, allow_untrained_posit
         )
 
 
-def record_evaluation(run_dir: Path, entry: dict[str, Any]) -> None:
+def record_evaluation(run_dir: Path, entry: dict[str, Any]) -> int:
     """Add ``entry`` to ``run_dir/eval.json``, replacing an earlier one with the same split,
-    checkpoint and overrides; written atomically."""
+    checkpoint and overrides; written atomically. Returns how many evaluations the run has
+    had, this one included (``evaluations_done`` in the file)."""
     path = Path(run_dir) / EVAL_FILE
-    entries = json.loads(path.read_text()).get("evaluations", []) if path.is_file() else []
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    entries, done = recorded.get("evaluations", []), int(recorded.get("evaluations_done", 0)) + 1
     same = lambda e: (e["split"], e["checkpoint"], e["overrides"]) == (entry["split"], entry["checkpoint"], entry["overrides"])
     entries = [e for e in entries if not same(e)] + [entry]
     staging = path.with_suffix(f".{os.getpid()}.tmp")
-    staging.write_text(json.dumps({"evaluations": entries}, indent=2) + "\n")
+    staging.write_text(json.dumps({"evaluations_done": done, "evaluations": entries}, indent=2) + "\n")
     os.replace(staging, path)
+    return done
 
 
 def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:

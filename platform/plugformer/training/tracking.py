@@ -95,11 +95,12 @@ def wandb_run_dir(loggers: list[Logger]) -> Path | None:
     return None
 
 
-def log_evaluation(cfg: DictConfig, run_dir: Path, entry: dict[str, Any]) -> None:
-    """Log an evaluation (``plugformer eval``) to the training run's W&B run: its metrics as
-    ``eval/<metric>`` beside ``eval/max_length`` (so evaluations at several lengths draw a
-    curve), and in the run's summary under ``eval/<split>@<max_length>/<metric>``. Offline
-    runs get a new offline folder with the same run id; ``wandb sync`` merges them."""
+def log_evaluation(cfg: DictConfig, run_dir: Path, entry: dict[str, Any], *, step: int) -> None:
+    """Log an evaluation (``plugformer eval``) to the training run's W&B run at ``step``
+    (after the training's last step, so W&B keeps it): its metrics as ``eval/<metric>``
+    beside ``eval/max_length`` (evaluations at several lengths draw a curve), and in the
+    run's summary under ``eval/<split>@<max_length>/<metric>``. Offline runs get a new
+    offline folder with the same run id; ``wandb sync`` merges them."""
     import wandb
 
     from plugformer.resume import read_run_id
@@ -118,7 +119,7 @@ def log_evaluation(cfg: DictConfig, run_dir: Path, entry: dict[str, Any]) -> Non
     )
     try:
         metrics = {f"eval/{name}": value for name, value in entry["metrics"].items()}
-        run.log({**metrics, "eval/max_length": entry["max_length"]})
+        run.log({**metrics, "eval/max_length": entry["max_length"]}, step=step)
         label = f"eval/{entry['split']}@{entry['max_length']}"
         run.summary.update({f"{label}/{name}": value for name, value in entry["metrics"].items()})
     finally:
