@@ -20,7 +20,16 @@ from plugformer_plugins.data.algorithmic import (
 )
 from plugformer_plugins.data.pairs import PairsConfig, PairsTask, read_pairs, PairsFormat
 from plugformer_plugins.data.seq2seq_batches import collate_pairs
-from plugformer_plugins.objective.seq2seq import IGNORE_INDEX, Seq2Seq, Seq2SeqConfig, shift_right
+from plugformer_plugins.objective.seq2seq import (
+    IGNORE_INDEX,
+    Seq2Seq,
+    Seq2SeqConfig,
+    bleu_from_statistics,
+    bleu_statistics,
+    corpus_bleu,
+    decoded_texts,
+    shift_right,
+)
 
 VOCAB = 8
 
@@ -105,6 +114,38 @@ def test_the_head_is_tied_to_the_token_embedding() -> None:
     embedding = torch.nn.Embedding(VOCAB, 4)
     ctx = BuildContext(d_model=4, n_heads=1, n_layers=1, dropout=0.0, causal=True, max_length=8, vocab_size=VOCAB, token_embedding=embedding)
     assert Seq2Seq(Seq2SeqConfig(), ctx).head.weight is embedding.weight
+
+
+def test_bleu_is_100_on_a_perfect_copy_and_lower_on_a_damaged_one() -> None:
+    labels = torch.tensor([[5, 4, 3, 6, 7, EOS_ID], [7, 6, 5, 4, 3, EOS_ID], [3, 3, 4, 5, EOS_ID, IGNORE_INDEX]])
+    # Greedy decoding repeats the end token after it; the text stops at the first one.
+    perfect = labels.masked_fill(labels == IGNORE_INDEX, EOS_ID)
+    hypotheses, references = decoded_texts(perfect, labels, EOS_ID)
+    assert references == ["5 4 3 6 7", "7 6 5 4 3", "3 3 4 5"] and hypotheses == references
+    assert corpus_bleu(hypotheses, references) == pytest.approx(100.0)
+    damaged = perfect.clone()
+    damaged[0, 2], damaged[2, 3] = 7, EOS_ID  # a wrong token, a target cut short
+    score = corpus_bleu(*decoded_texts(damaged, labels, EOS_ID))
+    assert 0.0 < score < 100.0
+    assert corpus_bleu(["9 9 9 9"] * 3, references) == pytest.approx(0.0)
+
+
+def test_bleu_statistics_of_parts_add_up_to_the_corpus_score() -> None:
+    import sacrebleu
+
+    hypotheses = ["the cat sat on the mat", "a dog ran", "hello there world", "one two three four five"]
+    references = ["the cat sat on a mat", "the dog ran away", "hello world", "one two three four five"]
+    parts = bleu_statistics(hypotheses[:2], references[:2]) + bleu_statistics(hypotheses[2:], references[2:])
+    assert bleu_from_statistics(parts) == pytest.approx(sacrebleu.corpus_bleu(hypotheses, [references]).score)
+
+
+def test_bleu_texts_come_through_the_tokenizer() -> None:
+    class Letters:
+        def decode(self, ids: list[int]) -> str:
+            return "".join("abcdefgh"[i] for i in ids)
+
+    hypotheses, references = decoded_texts(torch.tensor([[3, 4, 2, 2]]), torch.tensor([[3, 4, 5, 2]]), EOS_ID, Letters())
+    assert (hypotheses, references) == (["de"], ["def"])
 
 
 def test_no_start_token_and_no_decoder_inputs_is_a_data_error() -> None:
@@ -253,16 +294,20 @@ TINY = [
 def test_encoder_decoder_trains_through_the_api(tmp_path: Path) -> None:
     import plugformer
 
-    cfg = plugformer.compose([*TINY, "trainer.max_steps=4", "trainer.val_check_interval=4", f"paths.cache_dir={tmp_path / 'cache'}"])
+    cfg = plugformer.compose(
+        [*TINY, "trainer.max_steps=4", "trainer.val_check_interval=4", "objective.bleu=true", f"paths.cache_dir={tmp_path / 'cache'}"]
+    )
     summary = plugformer.train(cfg, run_dir=tmp_path / "run")
     assert summary["status"] == "finished"
     assert summary["components"]["objective"] == "seq2seq" and summary["components"]["data"] == "algorithmic"
     metrics = json.loads((tmp_path / "run" / "summary.json").read_text())["metrics"]
     assert 0.0 <= metrics["val/sequence_accuracy"] <= 1.0 and "val/accuracy" in metrics
-    assert 0.0 <= metrics["val/generated_sequence_accuracy"] <= 1.0
+    assert 0.0 <= metrics["val/exact_match"] <= 1.0
+    assert metrics["val/generated_sequence_accuracy"] == metrics["val/exact_match"]  # its first name, kept
+    assert 0.0 <= metrics["val/bleu"] <= 100.0
     run = plugformer.load_run(tmp_path / "run", checkpoint="last")
     batch = next(iter(run.data.val_dataloader()))
-    generated = run.generate(batch["input_ids"][:4], 5, attention_mask=batch["attention_mask"][:4], start_id=START_ID, eos_id=EOS_ID)
+    generated = run.generate(batch["input_ids"][:4], 5, attention_mask=batch["attention_mask"][:4])  # start/end from the facts
     assert generated.shape == (4, 5)
 
 
@@ -286,4 +331,4 @@ def test_a_tiny_model_learns_to_reverse(tmp_path: Path) -> None:
     metrics = summary["metrics"]
     assert metrics["val/sequence_accuracy"] > 0.8, metrics
     # Greedy decoding with the caches gets an example right exactly when teacher forcing does.
-    assert metrics["val/generated_sequence_accuracy"] == pytest.approx(metrics["val/sequence_accuracy"], abs=0.02)
+    assert metrics["val/exact_match"] == pytest.approx(metrics["val/sequence_accuracy"], abs=0.02)

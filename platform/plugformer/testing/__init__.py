@@ -58,6 +58,7 @@ __all__ = [
     "check_objective",
     "check_position",
     "check_registration",
+    "task_facts",
 ]
 
 
@@ -90,13 +91,26 @@ def check_registration(component: Component, config: Any = None) -> None:
         )
 
 
+def task_facts(sizes: Sizes) -> dict[str, Any]:
+    """The data task's facts an objective is built with: ``num_classes`` (classification),
+    and the special tokens of a text task: ``pad_id`` 0, ``start_id`` 1, ``eos_id`` 2,
+    ``mask_id`` the last id, ten ``sentinel_ids`` below it (span corruption), all in
+    ``special_ids`` (masked LM)."""
+    mask_id = sizes.vocab_size - 1
+    sentinel_ids = list(range(mask_id - 10, mask_id))
+    return {
+        "num_classes": sizes.num_classes, "pad_id": 0, "start_id": 1, "eos_id": 2, "mask_id": mask_id,
+        "sentinel_ids": sentinel_ids, "special_ids": [0, 1, 2, *sentinel_ids, mask_id],
+    }
+
+
 @isolated
 def check_objective(component: Component, config: Any = None, *, sizes: Sizes | None = None) -> None:
     """The cheap checks of an objective: it names its architecture, providing exactly one
     of "decoder", "encoder" and "encoder_decoder" (or, as in version 1, none of them and
     exactly one of "causal" and "bidirectional" among what it requires from the attention),
     and its factory builds a :class:`plugformer.Objective` from a context like a model's
-    (with a tied token embedding and task facts such as ``num_classes``). Its forward pass
+    (with a tied token embedding and the task facts of :func:`task_facts`). Its forward pass
     needs a batch in its own format, so training tests exercise it instead."""
     config = config if config is not None else component.config()
     sizes = sizes or Sizes()
@@ -119,7 +133,7 @@ def check_objective(component: Component, config: Any = None, *, sizes: Sizes | 
     ctx = sizes.context(
         causal=architecture != "encoder",
         limit=capabilities.max_length,
-        task={"num_classes": sizes.num_classes},
+        task=task_facts(sizes),
         token_embedding=nn.Embedding(sizes.vocab_size, sizes.d_model),
     )
     subject = Subject(component, config, ctx, dtype=torch.float32)

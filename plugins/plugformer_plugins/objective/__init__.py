@@ -3,16 +3,18 @@
 from typing import Any
 
 from plugformer import Registry, hookimpl
-from plugformer_plugins.objective import causal_lm, classification, seq2seq
+from plugformer_plugins.objective import causal_lm, classification, seq2seq, span_corruption
 
 
 @hookimpl
 def register_components(registry: Registry) -> None:
-    for module in (causal_lm, classification, seq2seq):
+    for module in (causal_lm, classification, seq2seq, span_corruption):
         registry.add(module.COMPONENT)
 
 
 @hookimpl
 def lightning_callbacks(cfg: Any) -> list[Any] | None:
-    """seq2seq's decoding metric (it needs the whole model, so it is a callback)."""
-    return [seq2seq.GenerationMetric()] if (cfg.get("objective") or {}).get("name") == "seq2seq" else None
+    """The decoding metrics of seq2seq and span_corruption (they need the whole model, so they
+    are a callback; each objective's generation_metric and bleu options switch them on)."""
+    name = (cfg.get("objective") or {}).get("name")
+    return [seq2seq.GenerationMetric()] if name in ("seq2seq", "span_corruption") else None

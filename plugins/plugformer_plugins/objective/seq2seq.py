@@ -18,16 +18,20 @@ encoder's output through its cross-attention. The loss is the mean cross-entropy
 target tokens that are not -100. Metrics: ``accuracy`` (share of target tokens predicted
 right) and ``sequence_accuracy`` (share of examples whose every target token is right, end
 token included), both with teacher forcing; ``perplexity`` of the target tokens. With
-``generation_metric``, validation and test also log ``generated_sequence_accuracy``: the
-share of examples that greedy decoding (each attention's cache, stopping at the end token)
-gets exactly right, without teacher forcing (equal to ``sequence_accuracy`` when decoding
-with the cache matches the full forward pass; a gap reveals a cache bug). Task facts read:
-``start_id`` (decoder inputs and generation) and ``eos_id`` (generation).
+``generation_metric``, validation and test also log ``exact_match`` (and the same value under
+its first name, ``generated_sequence_accuracy``): the share of examples that greedy decoding
+(each attention's cache, stopping at the end token) gets exactly right, without teacher
+forcing (equal to ``sequence_accuracy`` when decoding with the cache matches the full forward
+pass; a gap reveals a cache bug). With ``bleu``, they log ``bleu``: corpus BLEU (sacrebleu,
+13a tokenization, exp smoothing) of the greedy decodings against the targets over the whole
+epoch, summed over DDP ranks. Task facts read: ``start_id`` (decoder inputs and generation)
+and ``eos_id`` (generation).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import lightning.pytorch as pl
@@ -44,8 +48,11 @@ IGNORE_INDEX = -100
 @dataclass
 class Seq2SeqConfig:
     label_smoothing: float = field(default=0.0, metadata=bounds(ge=0.0, lt=1.0))
-    # Greedy-decode validation and test batches and log <stage>/generated_sequence_accuracy.
+    # Greedy-decode validation and test batches and log <stage>/exact_match (also under its
+    # first name, <stage>/generated_sequence_accuracy).
     generation_metric: bool = True
+    # Greedy-decode validation and test batches and log <stage>/bleu: corpus BLEU over the epoch.
+    bleu: bool = False
 
 
 def shift_right(labels: Tensor, start_id: int, pad_id: int = 0) -> Tensor:
@@ -79,6 +86,7 @@ class Seq2Seq(Objective):
         self.start_id = ctx.task.get("start_id")
         self.eos_id = ctx.task.get("eos_id")
         self.generation_metric = config.generation_metric
+        self.bleu = config.bleu
         self.pad_id = int(ctx.task.get("pad_id", 0))
         self.head = nn.Linear(ctx.d_model, ctx.vocab_size, bias=False)
         if ctx.token_embedding is not None:
@@ -130,37 +138,149 @@ class Seq2Seq(Objective):
         return int(batch["input_ids"].shape[0])
 
 
+def exact_match(generated: Tensor, labels: Tensor) -> Tensor:
+    """Share of examples whose ``generated`` (B, T) equals ``labels`` (B, T) at every scored
+    position (labels -100 are not scored)."""
+    return ((generated == labels) | (labels == IGNORE_INDEX)).all(dim=1).to(torch.float32).mean()
+
+
 @torch.no_grad()
 def generated_sequence_accuracy(model: Any, batch: dict[str, Tensor], start_id: int, eos_id: int | None) -> Tensor:
-    """Share of examples whose greedy decoding equals ``labels`` at every scored position
-    (decoding runs for the batch's target length; after the end token it repeats it)."""
+    """:func:`exact_match` of greedy decoding for a (prepared) seq2seq batch (decoding runs
+    for the batch's target length; after the end token it repeats it)."""
     labels = batch["labels"]
     generated = greedy(
         model, batch["input_ids"], labels.shape[1], attention_mask=batch.get("attention_mask"), start_id=start_id, eos_id=eos_id
     )
-    return ((generated == labels) | (labels == IGNORE_INDEX)).all(dim=1).to(torch.float32).mean()
+    return exact_match(generated, labels)
+
+
+# --- BLEU -------------------------------------------------------------------------------------
+
+#: Length of :func:`bleu_statistics`: correct and total n-grams for n = 1..4, hypothesis and
+#: reference lengths.
+BLEU_STATISTICS = 10
+
+
+def until_eos(ids: list[int], eos_id: int | None) -> list[int]:
+    """``ids`` without -100 entries, up to (not including) the first ``eos_id``."""
+    ids = [i for i in ids if i != IGNORE_INDEX]
+    return ids[: ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids
+
+
+def ids_to_text(ids: list[int], tokenizer: Any = None) -> str:
+    """A token sequence as text for BLEU: ``tokenizer.decode(ids)`` when a tokenizer is given,
+    else the ids joined by spaces (each id one word)."""
+    return tokenizer.decode(ids) if tokenizer is not None else " ".join(str(i) for i in ids)
+
+
+@lru_cache(maxsize=1)
+def _bleu() -> Any:
+    from sacrebleu.metrics import BLEU
+
+    return BLEU()
+
+
+def bleu_statistics(hypotheses: list[str], references: list[str]) -> Tensor:
+    """BLEU's sufficient statistics (float64, :data:`BLEU_STATISTICS` long) of hypotheses
+    against one reference each; statistics of parts of a corpus add up to the corpus's."""
+    if not hypotheses:
+        return torch.zeros(BLEU_STATISTICS, dtype=torch.float64)
+    score = _bleu().corpus_score(hypotheses, [references])
+    return torch.tensor([*score.counts, *score.totals, score.sys_len, score.ref_len], dtype=torch.float64)
+
+
+def bleu_from_statistics(statistics: Tensor) -> float:
+    """Corpus BLEU (0-100; sacrebleu's default exp smoothing) from summed :func:`bleu_statistics`."""
+    from sacrebleu.metrics import BLEU
+
+    values = [int(round(v)) for v in statistics.tolist()]
+    return float(BLEU.compute_bleu(values[0:4], values[4:8], values[8], values[9], smooth_method="exp").score)
+
+
+def corpus_bleu(hypotheses: list[str], references: list[str]) -> float:
+    """Corpus BLEU (0-100) of hypotheses against one reference each, as the callback computes it."""
+    return bleu_from_statistics(bleu_statistics(hypotheses, references))
+
+
+def decoded_texts(generated: Tensor, labels: Tensor, eos_id: int | None, tokenizer: Any = None) -> tuple[list[str], list[str]]:
+    """(hypotheses, references) as text: each greedy decoding and each target cut at the end
+    token, through :func:`ids_to_text`."""
+    hypotheses = [ids_to_text(until_eos(row, eos_id), tokenizer) for row in generated.tolist()]
+    references = [ids_to_text(until_eos(row, eos_id), tokenizer) for row in labels.tolist()]
+    return hypotheses, references
 
 
 class GenerationMetric(pl.Callback):
-    """Logs ``<stage>/generated_sequence_accuracy`` on validation and test batches of a
-    model whose objective is :class:`Seq2Seq` with ``generation_metric`` on."""
+    """Greedy-decoding metrics of a model whose objective is a :class:`Seq2Seq` (or a
+    subclass; each batch goes through its ``prepare_batch`` first, which is deterministic in
+    eval mode): with ``generation_metric``, ``<stage>/exact_match`` and
+    ``<stage>/generated_sequence_accuracy`` per validation and test batch (epoch means); with
+    ``bleu``, ``<stage>/bleu`` once per epoch, corpus BLEU of the epoch's decodings, its
+    statistics summed over DDP ranks. Texts come from the data module's ``tokenizer`` when it
+    has one, else from the token ids."""
 
-    def _log(self, module: pl.LightningModule, batch: dict[str, Tensor], stage: str) -> None:
-        model = getattr(module, "model", None)
-        objective = getattr(model, "objective", None)
-        if not isinstance(objective, Seq2Seq) or not objective.generation_metric or objective.start_id is None:
+    def __init__(self) -> None:
+        self._bleu: dict[str, Tensor] = {}
+
+    @staticmethod
+    def _objective(module: pl.LightningModule) -> Seq2Seq | None:
+        objective = getattr(getattr(module, "model", None), "objective", None)
+        if not isinstance(objective, Seq2Seq) or objective.start_id is None:
+            return None
+        return objective if objective.generation_metric or objective.bleu else None
+
+    def _on_batch(self, trainer: pl.Trainer, module: pl.LightningModule, batch: dict[str, Tensor], stage: str) -> None:
+        objective = self._objective(module)
+        if objective is None:
             return
-        value = generated_sequence_accuracy(model, batch, int(objective.start_id), objective.eos_id)
-        module.log(
-            f"{stage}/generated_sequence_accuracy", value, on_step=False, on_epoch=True, sync_dist=True,
-            batch_size=objective.examples_in(batch),
-        )
+        batch = objective.prepare_batch(batch)
+        labels = batch["labels"]
+        with torch.no_grad():
+            generated = greedy(
+                module.model, batch["input_ids"], labels.shape[1], attention_mask=batch.get("attention_mask"),
+                start_id=int(objective.start_id), eos_id=objective.eos_id,
+            )
+        if objective.generation_metric:
+            value = exact_match(generated, labels)
+            for name in ("exact_match", "generated_sequence_accuracy"):
+                module.log(
+                    f"{stage}/{name}", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=objective.examples_in(batch)
+                )
+        if objective.bleu:
+            tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
+            tokenizer = tokenizer if hasattr(tokenizer, "decode") else None
+            statistics = bleu_statistics(*decoded_texts(generated, labels, objective.eos_id, tokenizer))
+            self._bleu[stage] = self._bleu[stage] + statistics if stage in self._bleu else statistics
+
+    def _on_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
+        statistics = self._bleu.pop(stage, None)
+        objective = self._objective(module)
+        if objective is None or not objective.bleu:
+            return
+        if statistics is None:  # no batch here; this rank still joins the sum
+            statistics = torch.zeros(BLEU_STATISTICS, dtype=torch.float64)
+        statistics = trainer.strategy.reduce(statistics.to(module.device), reduce_op="sum")
+        # The same value on every rank; sync_dist only keeps Lightning from warning about it.
+        module.log(f"{stage}/bleu", bleu_from_statistics(statistics.cpu()), on_step=False, on_epoch=True, sync_dist=True)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._bleu.pop("val", None)
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._bleu.pop("test", None)
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._log(pl_module, batch, "val")
+        self._on_batch(trainer, pl_module, batch, "val")
 
     def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._log(pl_module, batch, "test")
+        self._on_batch(trainer, pl_module, batch, "test")
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._on_epoch_end(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._on_epoch_end(trainer, pl_module, "test")
 
 
 COMPONENT = Component(
