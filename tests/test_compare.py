@@ -123,3 +123,16 @@ def test_bad_input_exits_2_naming_the_problem(
     assert "Traceback" not in error
     if case == "metric":
         assert "val/loss" in error and "val/accuracy" in error
+
+
+def test_eval_results_become_columns(sweep_dir: Path, tmp_path: Path) -> None:
+    import plugformer
+
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep_dir, copy)
+    entry = plugformer.evaluate(copy / "1", ["data.val_examples=32"], track=False)
+    rows = comparison_table([load_run(path) for path in find_runs([copy])], eval_metrics=("loss", "accuracy"))
+    length = entry["max_length"]
+    assert list(rows[1])[-2:] == [f"eval/validation@{length}/loss", f"eval/validation@{length}/accuracy"]
+    assert rows[1][f"eval/validation@{length}/loss"] == pytest.approx(entry["metrics"]["loss"])
+    assert rows[0][f"eval/validation@{length}/loss"] is None  # run 0 was never evaluated

@@ -27,6 +27,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     compare_parser.add_argument("paths", nargs="+", help="run directories, or folders holding them")
     compare_parser.add_argument("--out", default=None, help="folder for comparison.csv/.md/.png")
     compare_parser.add_argument("--metric", default="val/loss", help="the validation curve to plot")
+    compare_parser.add_argument(
+        "--eval-metrics", default="loss", help="comma-separated metrics of `plugformer eval` results to show (eval/<split>@<length>/...)"
+    )
     _add_generate(commands)
     _add_eval(commands)
 
@@ -58,7 +61,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: list[str]) -> int:
     if parsed.command == "compare":
         from plugformer.compare import compare_command
 
-        return compare_command(parsed.paths, out=parsed.out, metric=parsed.metric)
+        eval_metrics = tuple(m.strip() for m in parsed.eval_metrics.split(",") if m.strip())
+        return compare_command(parsed.paths, out=parsed.out, metric=parsed.metric, eval_metrics=eval_metrics)
     if parsed.command == "generate":
         from plugformer.model.generation import DecodingConfig
         from plugformer.prompting import generate_command

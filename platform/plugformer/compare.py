@@ -1,6 +1,7 @@
 """``plugformer compare``: what differs between runs, and how each run did.
 
-Reads run directories only (``config.yaml``, ``metrics.csv``, ``summary.json``), so it works
+Reads run directories only (``config.yaml``, ``metrics.csv``, ``summary.json`` and, after
+``plugformer eval``, ``eval.json``), so it works
 offline, without W&B and on runs that failed. It prints one table and writes
 ``comparison.csv``, ``comparison.md`` and ``comparison.png`` (one validation curve per run).
 """
@@ -25,6 +26,7 @@ from plugformer.errors import PlugformerError
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
+EVAL_FILE = "eval.json"
 OUTPUT_NAMES = ("comparison.csv", "comparison.md", "comparison.png")
 
 # Config keys that differ between any two runs without saying anything about them, or that
@@ -45,13 +47,16 @@ class Run:
     """One run directory as read from disk.
 
     ``config`` holds the resolved config flattened to dotted keys; ``curves`` maps every
-    metric in metrics.csv to its ``(step, value)`` points in logging order.
+    metric in metrics.csv to its ``(step, value)`` points in logging order;
+    ``evaluations`` maps ``eval/<split>@<length>/<metric>`` to the value ``plugformer eval``
+    recorded (the best checkpoint's, or the latest evaluation's when several checkpoints).
     """
 
     path: Path
     config: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    evaluations: dict[str, float] = field(default_factory=dict)
 
     @property
     def status(self) -> str:
@@ -189,7 +194,22 @@ def load_run(path: str | Path) -> Run:
         config=_read_config(path / CONFIG_FILE),
         summary=_read_summary(path / SUMMARY_FILE),
         curves=_read_curves(path / METRICS_FILE),
+        evaluations=_read_evaluations(path / EVAL_FILE),
     )
+
+
+def _read_evaluations(path: Path) -> dict[str, float]:
+    """``eval/<split>@<length>/<metric>`` → value from eval.json; later entries win, and
+    evaluations of the best checkpoint win over others."""
+    try:
+        entries = json.loads(path.read_text()).get("evaluations", [])
+    except (OSError, ValueError):
+        return {}
+    values: dict[str, float] = {}
+    for entry in sorted(entries, key=lambda e: e.get("checkpoint") == "best.ckpt"):
+        label = f"eval/{entry['split']}@{entry['max_length']}"
+        values.update({f"{label}/{name}": value for name, value in entry.get("metrics", {}).items()})
+    return values
 
 
 # --- what differs -------------------------------------------------------------------
@@ -279,12 +299,24 @@ def _summary_metrics(run: Run, val_names: list[str]) -> dict[str, Any]:
     return values
 
 
-def comparison_table(runs: list[Run]) -> list[dict[str, Any]]:
+def _eval_columns(runs: list[Run], metrics: tuple[str, ...]) -> list[str]:
+    """The eval.json columns for ``metrics``, by split, then length, then metric."""
+    def order(name: str) -> tuple[str, int, int]:
+        label, metric = name.rsplit("/", 1)
+        split, length = label.removeprefix("eval/").split("@")
+        return split, int(length), metrics.index(metric)
+
+    names = {name for run in runs for name in run.evaluations if name.rsplit("/", 1)[1] in metrics}
+    return sorted(names, key=order)
+
+
+def comparison_table(runs: list[Run], eval_metrics: tuple[str, ...] = ("loss",)) -> list[dict[str, Any]]:
     """One row per run, all with the same columns in this order: ``run`` (name relative to
     the common parent), ``status``, one column per component kind that differs, the
     differing config keys (except those a component column implies), the
-    final ``val/*`` metrics, ``best/val/loss``, ``params``, ``wall_time_s`` and
-    ``tokens_per_second``. Missing values are None."""
+    final ``val/*`` metrics, ``best/val/loss``, ``params``, ``wall_time_s``,
+    ``tokens_per_second``, then ``eval/<split>@<length>/<metric>`` for the ``eval_metrics``
+    that ``plugformer eval`` recorded. Missing values are None."""
     names = run_names(runs)
     kinds = differing_components(runs)
     all_kinds = set(_component_kinds(runs))
@@ -294,12 +326,14 @@ def comparison_table(runs: list[Run]) -> list[dict[str, Any]]:
         if not _implied_by_component(key, values, all_kinds)
     }
     val_names = _val_metric_names(runs)
+    eval_names = _eval_columns(runs, eval_metrics)
     rows = []
     for index, run in enumerate(runs):
         row: dict[str, Any] = {"run": names[index], "status": run.status}
         row.update({kind: run.components.get(kind) for kind in kinds})
         row.update({key: values[index] for key, values in config.items()})
         row.update(_summary_metrics(run, val_names))
+        row.update({name: run.evaluations.get(name) for name in eval_names})
         rows.append(row)
     return rows
 
@@ -439,13 +473,14 @@ def default_out_dir(runs: list[Run]) -> Path:
     return common_parent([run.path for run in runs]) or Path.cwd()
 
 
-def compare_command(paths: list[str], *, out: str | None, metric: str) -> int:
-    """``plugformer compare PATHS [--out DIR] [--metric NAME]``: print the comparison table
-    and write comparison.csv, comparison.md and comparison.png into ``out`` (default: the
-    runs' common parent). Returns the exit status; user errors raise CompareError."""
+def compare_command(paths: list[str], *, out: str | None, metric: str, eval_metrics: tuple[str, ...] = ("loss",)) -> int:
+    """``plugformer compare PATHS [--out DIR] [--metric NAME] [--eval-metrics a,b]``: print
+    the comparison table and write comparison.csv, comparison.md and comparison.png into
+    ``out`` (default: the runs' common parent). Returns the exit status; user errors raise
+    CompareError."""
     runs = [load_run(path) for path in find_runs(paths)]
     check_metric(runs, metric)
-    rows = comparison_table(runs)
+    rows = comparison_table(runs, eval_metrics)
     out_dir = Path(out).expanduser() if out else default_out_dir(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path, png_path = (out_dir / name for name in OUTPUT_NAMES)
