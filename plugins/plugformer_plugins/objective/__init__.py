@@ -3,12 +3,12 @@
 from typing import Any
 
 from plugformer import Registry, hookimpl
-from plugformer_plugins.objective import causal_lm, classification, seq2seq, span_corruption
+from plugformer_plugins.objective import causal_lm, classification, masked_lm, seq2seq, span_corruption
 
 
 @hookimpl
 def register_components(registry: Registry) -> None:
-    for module in (causal_lm, classification, seq2seq, span_corruption):
+    for module in (causal_lm, classification, masked_lm, seq2seq, span_corruption):
         registry.add(module.COMPONENT)
 
 
