@@ -25,6 +25,9 @@ RUNS = {
     "alibi": [*MQAR, "model/position=alibi", "logger=wandb"],
     "rope": [*MQAR, "model/position=rope", "logger=none"],
     "seq2seq": ["experiment=reverse_small", "data.train_examples=300", "data.val_examples=32", "data.test_examples=0", "logger=none"],
+    "lm": ["experiment=lm_small", "data.block_size=32", "model.dropout=0.0", "logger=none"],
+    "t5": ["experiment=t5_small", "data.block_size=32", "logger=none"],
+    "mlm": ["experiment=mlm_small", "data.block_size=32", "logger=none"],
     "classification": [
         "experiment=listops_small", "data.train_examples=300", "data.val_examples=32", "data.test_examples=0",
         "data.min_length=10", "data.max_length=30", "data.max_depth=2", "logger=none",
@@ -45,7 +48,7 @@ def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["learned", "seq2seq", "classification"])
+@pytest.mark.parametrize("name", ["learned", "seq2seq", "classification", "lm", "t5", "mlm"])
 def test_eval_as_trained_reproduces_the_checkpoints_validation_metrics(runs: dict[str, Path], name: str) -> None:
     entry = plugformer.evaluate(runs[name], track=False)
     trained = summary(runs[name])["metrics"]  # one validation, at the last step: the best checkpoint's
@@ -132,3 +135,28 @@ def test_generate_for_an_encoder_decoder_and_a_classifier(runs: dict[str, Path])
     ids = expression["input_ids"][0][expression["attention_mask"][0]].tolist()
     (label,) = classifier.complete([" ".join(map(str, ids))])
     assert label.startswith("class ") and 0 <= int(label.split()[1]) < classifier.data.facts["num_classes"]
+
+
+def test_text_runs_generate_text_for_every_text_objective(runs: dict[str, Path]) -> None:
+    lm = plugformer.load_run(runs["lm"])
+    (continued,) = lm.complete(["The "], 20, strategy="sample", top_k=5, seed=0)
+    assert isinstance(continued, str) and continued
+    t5 = plugformer.load_run(runs["t5"])
+    (spans,) = t5.complete(["The <extra_id_0> sat on the <extra_id_1>."], 12)
+    assert isinstance(spans, str)
+    mlm = plugformer.load_run(runs["mlm"])
+    (filled,) = mlm.complete(["The c<mask>t sat on the m<mask>t."])
+    assert len(filled) == len("The cXt sat on the mXt.") and "<mask>" not in filled
+    assert filled.startswith("The c") and filled.endswith("t.")
+    with pytest.raises(ConfigError, match="mask"):
+        mlm.complete(["no masks here"])
+
+
+def test_eval_on_a_local_file_reads_it_with_the_runs_tokenizer(runs: dict[str, Path], tmp_path: Path) -> None:
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("A held-out letter, with characters such as \u00e9 and \u00df that training never saw.\n" * 20)
+    entry = plugformer.evaluate(runs["lm"], [f"data.validation_files=[{held_out}]"], track=False)
+    assert entry["metrics"]["loss"] > 0 and entry["batches"] >= 1
+    trained = summary(runs["lm"])["metrics"]["val/loss"]
+    assert entry["metrics"]["loss"] != pytest.approx(trained)
+    assert json.loads((runs["lm"] / "tokenizer.json").read_text())  # the run's own tokenizer, saved at training
