@@ -1,10 +1,34 @@
-"""Built-in feed-forward components."""
+"""Built-in feed-forward components, and the expert metrics of mixture-of-experts layers."""
+
+from typing import Any
+
+from omegaconf import OmegaConf
 
 from plugformer import Registry, hookimpl
-from plugformer_plugins.ffn import glu, mlp
+from plugformer_plugins.ffn import glu, mlp, moe
+from plugformer_plugins.ffn.moe_metrics import ExpertMetrics
 
 
 @hookimpl
 def register_components(registry: Registry) -> None:
     for module in (mlp, glu):
         registry.add(module.COMPONENT)
+    registry.add(moe.make_component(registry))  # its experts are any ffn of this registry
+
+
+@hookimpl
+def lightning_callbacks(cfg: Any) -> list[Any] | None:
+    """The expert metrics (``val/moe/...``, see :mod:`moe_metrics`) when the model config
+    names the moe ffn anywhere (``model/ffn=moe``, a layer plan, a single layer)."""
+    model = cfg.get("model") if hasattr(cfg, "get") else None
+    if OmegaConf.is_config(model):
+        model = OmegaConf.to_container(model)
+    return [ExpertMetrics()] if _names_moe(model) else None
+
+
+def _names_moe(node: Any) -> bool:
+    if isinstance(node, dict):
+        return any(_names_moe(value) for value in node.values())
+    if isinstance(node, list):
+        return any(_names_moe(value) for value in node)
+    return node == "moe"
