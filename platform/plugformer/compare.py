@@ -427,26 +427,51 @@ def write_markdown(rows: list[dict[str, Any]], lines: list[str], path: Path) -> 
     path.write_text(markdown_table(rows) + "".join(f"\n{line}\n" for line in lines))
 
 
-def plot_curves(runs: list[Run], labels: list[str], metric: str, path: Path) -> None:
-    """``metric`` against step, one line per run that logged it, saved as a PNG."""
+def _save_plot(series: dict[str, list[tuple[float, float]]], *, x: str, y: str, title: str, path: Path, log_x: bool = False) -> None:
+    """One line per labelled series of (x, y) points, saved as a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(8, 5), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots()
-    for run, label in zip(runs, labels):
-        points = run.curves.get(metric)
+    for label, points in series.items():
         if points:
-            steps, values = zip(*points)
-            axes.plot(steps, values, marker="o", markersize=3, label=label)
-    axes.set_xlabel("step")
-    axes.set_ylabel(metric)
-    axes.set_title(f"{metric} by step")
+            xs, ys = zip(*points)
+            axes.plot(xs, ys, marker="o", markersize=3, label=label)
+    if log_x:
+        axes.set_xscale("log", base=2)
+    axes.set_xlabel(x)
+    axes.set_ylabel(y)
+    axes.set_title(title)
     axes.grid(alpha=0.3)
     if axes.lines:
         axes.legend(fontsize="small")
     figure.savefig(path, dpi=120)
+
+
+def plot_curves(runs: list[Run], labels: list[str], metric: str, path: Path) -> None:
+    """``metric`` against step, one line per run that logged it, saved as a PNG."""
+    series = {label: run.curves.get(metric) or [] for run, label in zip(runs, labels)}
+    _save_plot(series, x="step", y=metric, title=f"{metric} by step", path=path)
+
+
+def plot_evaluations(runs: list[Run], labels: list[str], metric: str, path: Path) -> bool:
+    """``plugformer eval``'s ``metric`` on the validation split against the evaluated
+    length, one line per run; False (nothing written) when no run has such evaluations."""
+    series = {}
+    for run, label in zip(runs, labels):
+        points = []
+        for name, value in run.evaluations.items():
+            where, name_metric = name.rsplit("/", 1)
+            split, length = where.removeprefix("eval/").split("@")
+            if split == "validation" and name_metric == metric:
+                points.append((int(length), value))
+        series[label] = sorted(points)
+    if not any(series.values()):
+        return False
+    _save_plot(series, x="evaluated length (tokens)", y=f"eval {metric}", title=f"eval {metric} by length", path=path, log_x=True)
+    return True
 
 
 def print_table(rows: list[dict[str, Any]], lines: list[str]) -> None:
@@ -487,10 +512,15 @@ def compare_command(paths: list[str], *, out: str | None, metric: str, eval_metr
     write_csv(rows, csv_path)
     lines = notes(runs, rows)
     write_markdown(rows, lines, md_path)
-    plot_curves(runs, [run_label(row) for row in rows], metric, png_path)
+    labels = [run_label(row) for row in rows]
+    plot_curves(runs, labels, metric, png_path)
+    eval_path = out_dir / "comparison_eval.png"
+    by_length = plot_evaluations(runs, labels, eval_metrics[0], eval_path) if eval_metrics else False
     print_table(rows, lines)
     print(f"\nplugformer: compared {len(runs)} run(s)")
     print(f"  table:  {csv_path}")
     print(f"          {md_path}")
     print(f"  curves: {png_path}  ({metric})")
+    if by_length:
+        print(f"          {eval_path}  (eval {eval_metrics[0]} by length)")
     return 0
