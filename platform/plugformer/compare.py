@@ -432,7 +432,9 @@ def _save_plot(series: dict[str, list[tuple[float, float]]], *, x: str, y: str, 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(8, 5), layout="constrained")
+    lines = sum(1 for points in series.values() if points)
+    # The legend goes under the axes, one line per run, so long labels never cover the curves.
+    figure = Figure(figsize=(9, 5 + 0.2 * lines), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots()
     for label, points in series.items():
@@ -446,7 +448,7 @@ def _save_plot(series: dict[str, list[tuple[float, float]]], *, x: str, y: str, 
     axes.set_title(title)
     axes.grid(alpha=0.3)
     if axes.lines:
-        axes.legend(fontsize="small")
+        figure.legend(loc="outside lower center", fontsize="x-small")
     figure.savefig(path, dpi=120)
 
 
