@@ -1,10 +1,17 @@
-"""Built-in attention components."""
+"""Built-in attention components (and sequence mixers that fill the attention slot).
+
+Every module of this package that defines ``COMPONENT`` is registered, so a new attention
+is one new file; modules without it (shared helpers such as ``sequence_mixer``) are skipped."""
+
+import importlib
+import pkgutil
 
 from plugformer import Registry, hookimpl
-from plugformer_plugins.attention import full, linear, local, short_conv, token_shift
 
 
 @hookimpl
 def register_components(registry: Registry) -> None:
-    for module in (full, local, linear, short_conv, token_shift):
-        registry.add(module.COMPONENT)
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if hasattr(module, "COMPONENT"):
+            registry.add(module.COMPONENT)
