@@ -32,7 +32,7 @@ from plugformer.errors import (
     UnknownComponentError,
 )
 from plugformer.hookspecs import hookimpl
-from plugformer.registry import KINDS, Component, Provider, Registry
+from plugformer.registry import KINDS, Component, Provider, Registry, RegistryView
 from plugformer.techniques import TechniqueContext
 
 __version__ = "0.1.0"
@@ -66,6 +66,7 @@ __all__ = [
     "PositionEncoding",
     "Provider",
     "Registry",
+    "RegistryView",
     "StepInputs",
     "TechniqueContext",
     "UnknownComponentError",

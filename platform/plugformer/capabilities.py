@@ -28,11 +28,66 @@ Flags in use by the built-ins (plugins may add their own):
 
 from __future__ import annotations
 
+import difflib
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 COST_CLASSES = ("quadratic", "linear", "n·w", "n·log n")
+
+#: The flags the built-ins provide or require (the list above). A plugin may add its own; a
+#: new flag that is *close* to one of these (difflib ratio ≥ :data:`MISSPELLING_CUTOFF`) is
+#: most likely a misspelling and draws a :class:`CapabilityFlagWarning`, because a flag that
+#: nobody checks passes silently (``casual`` would leave an attention unchecked for causality).
+KNOWN_FLAGS = frozenset({
+    # attention
+    "causal", "bidirectional", "key_padding_mask", "score_bias", "qk_transform", "relative_terms",
+    "incremental_decoding", "cross_attention", "ignores_positions",
+    # position
+    "input_embedding", "length_extrapolation",
+    # objective: architecture and batch format
+    "decoder", "encoder", "encoder_decoder", "causal_lm", "classification", "seq2seq", "token_blocks",
+    "masked_lm", "span_corruption",
+    # data: special tokens
+    "mask_token", "eos_token", "sentinel_tokens",
+})
+
+#: How close (difflib's ratio, 0..1) an unknown flag must be to a known one to be reported.
+MISSPELLING_CUTOFF = 0.8
+
+#: Kinds a ``requires`` key may name (kept here so this module imports nothing of plugformer).
+_REQUIRABLE_KINDS = ("attention", "position", "norm", "ffn", "block", "objective", "data", "technique")
+
+
+class CapabilityFlagWarning(UserWarning):
+    """A capability flag (or a ``requires`` kind) is unknown but close to a known one."""
+
+
+def likely_misspellings(flags: Iterable[str], known: Iterable[str] = KNOWN_FLAGS) -> dict[str, str]:
+    """Unknown flag → the known flag it is closest to, for every flag of ``flags`` that is
+    not in ``known`` but within :data:`MISSPELLING_CUTOFF` of one of them."""
+    known = frozenset(known)
+    found: dict[str, str] = {}
+    for flag in sorted(set(flags) - known):
+        close = difflib.get_close_matches(flag, sorted(known), n=1, cutoff=MISSPELLING_CUTOFF)
+        if close:
+            found[flag] = close[0]
+    return found
+
+
+def _warn_misspellings(capabilities: Capabilities) -> None:
+    flags = set(capabilities.provides).union(*capabilities.requires.values())
+    suspects = [(flag, known, "flag") for flag, known in likely_misspellings(flags).items()]
+    suspects += [(kind, known, "kind") for kind, known in likely_misspellings(capabilities.requires, _REQUIRABLE_KINDS).items()]
+    for unknown, known, what in suspects:
+        warnings.warn(
+            f"Capabilities: the capability {what} {unknown!r} is not one plugformer knows; did you mean {known!r}? "
+            f"(nothing checks an unknown {what}, so a misspelling passes silently; a deliberately new flag "
+            "should not look like a known one)",
+            CapabilityFlagWarning,
+            stacklevel=4,
+        )
 
 
 def _frozen(flags: Iterable[str]) -> frozenset[str]:
@@ -62,6 +117,7 @@ class Capabilities:
         )
         if self.cost is not None and self.cost not in COST_CLASSES:
             raise ValueError(f"cost must be one of {COST_CLASSES}, got {self.cost!r}")
+        _warn_misspellings(self)
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -3,13 +3,30 @@
 Installed plugins implement them in the module their ``plugformer`` entry point names;
 a technique object enabled in a run implements them as methods and takes part only in that
 run. No hook is ever called inside a forward pass.
+
+Arguments are typed for readers and type checkers; the types are imported only under
+``TYPE_CHECKING`` (as ``llm`` does), so importing this module, and every plugin that imports
+:data:`hookimpl`, stays cheap and free of import cycles.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pluggy
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    from omegaconf import DictConfig
+    from torch import Tensor
+
+    from plugformer.components import ObjectiveOutput
+    from plugformer.model.transformer import Transformer
+    from plugformer.registry import Registry, RegistryView
+    from plugformer.training.module import TrainingModule
+
+#: The stages ``extra_losses`` is called for.
+Stage = Literal["train", "val", "test"]
 
 PROJECT = "plugformer"
 
@@ -18,16 +35,19 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def register_components(registry: Any) -> None:
+def register_components(registry: RegistryView) -> None:
     """Add components of any kind with ``registry.add(Component(...))``.
 
     Called once per session, when plugins are loaded, before any config is composed.
-    Returns nothing.
+    Returns nothing. ``registry`` is this plugin's :class:`plugformer.RegistryView`: it adds
+    components with the plugin as their provider, and refuses to look other components up
+    until every plugin has registered (so nothing depends on the load order): resolve them
+    lazily in a factory or capabilities function, or in ``registry.after_loading(callback)``.
     """
 
 
 @hookspec
-def validate_config(cfg: Any, registry: Any) -> None:
+def validate_config(cfg: DictConfig, registry: Registry) -> None:
     """Reject a composed config early by raising :class:`plugformer.ConfigError` naming the
     conflicting options.
 
@@ -37,7 +57,7 @@ def validate_config(cfg: Any, registry: Any) -> None:
 
 
 @hookspec
-def model_built(model: Any, cfg: Any) -> None:
+def model_built(model: Transformer, cfg: DictConfig) -> None:
     """Modify the built model in place: masks, parameter sharing, wrappers of submodules.
 
     Called once per run after the model is built and initialized, before the optimizer
@@ -46,7 +66,9 @@ def model_built(model: Any, cfg: Any) -> None:
 
 
 @hookspec
-def extra_losses(model: Any, batch: Any, outputs: Any, stage: str) -> dict[str, Any] | None:
+def extra_losses(
+    model: Transformer, batch: dict[str, Tensor], outputs: ObjectiveOutput, stage: Stage
+) -> dict[str, Tensor] | None:
     """Named loss terms added to the objective's loss.
 
     Called on every training, validation and test step after the forward pass, with
@@ -59,7 +81,7 @@ def extra_losses(model: Any, batch: Any, outputs: Any, stage: str) -> dict[str, 
 
 
 @hookspec
-def lightning_callbacks(cfg: Any) -> list[Any] | None:
+def lightning_callbacks(cfg: DictConfig) -> list[pl.Callback] | None:
     """Lightning callbacks for loop-time behaviour (schedules, pruning steps, probes).
 
     Called once per run when the Trainer is created. Returns a list of
@@ -68,7 +90,7 @@ def lightning_callbacks(cfg: Any) -> list[Any] | None:
 
 
 @hookspec
-def run_summary(trainer: Any, module: Any) -> dict[str, Any] | None:
+def run_summary(trainer: pl.Trainer, module: TrainingModule) -> dict[str, Any] | None:
     """Extra metrics for the run summary (summary.json and the W&B summary).
 
     Called on rank 0 when training ends, also when it failed. Returns a dict name → JSON
@@ -77,7 +99,7 @@ def run_summary(trainer: Any, module: Any) -> dict[str, Any] | None:
 
 
 @hookspec
-def tracking_tags(cfg: Any) -> list[str] | None:
+def tracking_tags(cfg: DictConfig) -> list[str] | None:
     """Extra tags for the tracker, next to the ``kind:name`` tag of every chosen component.
 
     Called once per run when the loggers are created. Returns a list of strings, or None.

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -193,6 +195,23 @@ def blame_component(error: BaseException, registry: Registry) -> PluginError | N
     return None
 
 
+@contextmanager
+def _registering(provider: Provider) -> Iterator[None]:
+    """A plugin's failure to register (in ``register_components`` or an ``after_loading``
+    callback) as a :class:`PluginError` naming its distribution."""
+    try:
+        yield
+    except PluginError:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever a plugin raises is the plugin's
+        raise PluginError(
+            f"Plugin {provider.plugin!r} from {provider} failed to register its "
+            f"components: {type(error).__name__}: {error}",
+            fix=f"disable it with {BLOCK_ENV}={provider.plugin}, or repair or uninstall "
+            f"{provider.distribution}",
+        ) from error
+
+
 def load_plugins(extra: dict[str, Any] | None = None) -> Plugins:
     """Load every selected entry point of the ``plugformer`` group and register its components.
 
@@ -224,19 +243,11 @@ def load_plugins(extra: dict[str, Any] | None = None) -> Plugins:
         providers[name] = Provider(plugin=name, distribution="<in-process>", version="")
 
     registry = Registry()
+    registry.start_loading()
     for impl in manager.hook.register_components.get_hookimpls():
         provider = providers[manager.get_name(impl.plugin)]
-        with registry.providing(provider):
-            try:
-                impl.function(registry=registry)
-            except PluginError:
-                raise
-            except Exception as error:  # noqa: BLE001
-                raise PluginError(
-                    f"Plugin {provider.plugin!r} from {provider} failed to register its "
-                    f"components: {type(error).__name__}: {error}",
-                    fix=f"disable it with {BLOCK_ENV}={provider.plugin}, or repair or uninstall "
-                    f"{provider.distribution}",
-                ) from error
+        with _registering(provider):
+            impl.function(registry=registry.view(provider))
+    registry.finish_loading(guard=_registering)
     _PROVIDERS[manager] = providers
     return Plugins(manager=manager, registry=registry, providers=providers)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,8 +91,14 @@ class Component:
         return f"{self.kind}:{self.name}"
 
 
+#: The field plugformer adds to every component's config node: the chosen component's name
+#: (``model.attention.name``). A config dataclass must not define it.
+NAME_FIELD = "name"
+
+
 def config_node(component: Component) -> Any:
-    """The ConfigStore node: the config dataclass plus a ``name`` field naming the component."""
+    """The ConfigStore node: the config dataclass plus a ``name`` field naming the component.
+    Raises :class:`PluginError` when the dataclass is not one or defines ``name`` itself."""
     if not dataclasses.is_dataclass(component.config):
         raise PluginError(
             f"{component.qualified_name} from {component.provider} has config {component.config!r}, "
@@ -101,9 +107,19 @@ def config_node(component: Component) -> Any:
             fix=f"report this to the authors of {component.provider.distribution}, or disable it "
             f"with PLUGFORMER_DISABLE_PLUGINS={component.provider.plugin}",
         )
+    if any(f.name == NAME_FIELD for f in dataclasses.fields(component.config)):
+        raise PluginError(
+            f"{component.qualified_name} from {component.provider} has a config field called "
+            f"{NAME_FIELD!r} ({component.config.__name__}.{NAME_FIELD}), which clashes with the field plugformer "
+            f"adds to every component config: {CONFIG_GROUPS[component.kind].replace('/', '.')}.{NAME_FIELD} "
+            "names the chosen component.",
+            expected=f"no option called {NAME_FIELD!r} in a component's config dataclass",
+            fix=f"rename the option (e.g. {component.name}_{NAME_FIELD} or label) in {component.config.__name__}, "
+            f"or disable the plugin with PLUGFORMER_DISABLE_PLUGINS={component.provider.plugin}",
+        )
     named = dataclasses.make_dataclass(
         component.config.__name__,
-        [("name", str, dataclasses.field(default=component.name))],
+        [(NAME_FIELD, str, dataclasses.field(default=component.name))],
         bases=(component.config,),
     )
     named.__module__ = component.config.__module__
@@ -111,12 +127,37 @@ def config_node(component: Component) -> Any:
 
 
 class Registry:
-    """All components of a session, by kind and name."""
+    """All components of a session, by kind and name.
+
+    While plugins load (:meth:`start_loading` … :meth:`finish_loading`) each plugin gets a
+    :class:`RegistryView` of it, which can add components but not look any up, so no plugin
+    can depend on the order plugins load in."""
 
     def __init__(self, config_store: ConfigStore | None = None) -> None:
         self._components: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
         self._provider = UNKNOWN_PROVIDER
         self._config_store = config_store if config_store is not None else ConfigStore.instance()
+        self.loading = False
+        self._after_loading: list[tuple[RegistryView, Callable[[RegistryView], None]]] = []
+
+    def view(self, provider: Provider) -> RegistryView:
+        """The narrow view a plugin's ``register_components`` receives, adding as ``provider``."""
+        return RegistryView(self, provider)
+
+    def start_loading(self) -> None:
+        """Plugins are about to register: their views refuse lookups until :meth:`finish_loading`."""
+        self.loading = True
+
+    def finish_loading(self, guard: Callable[[Provider], AbstractContextManager[Any]] | None = None) -> None:
+        """Every plugin has registered: run the callbacks given to
+        :meth:`RegistryView.after_loading`, in the order they were given, each inside
+        ``guard(provider)`` when given (to name the plugin if it fails). They see every
+        component registered by ``register_components`` (and those added by earlier callbacks)."""
+        self.loading = False
+        pending, self._after_loading = self._after_loading, []
+        for view, callback in pending:
+            with guard(view.provider) if guard is not None else nullcontext():
+                callback(view)
 
     @contextmanager
     def providing(self, provider: Provider) -> Iterator[None]:
@@ -150,9 +191,9 @@ class Registry:
                 fix=f"disable one of them: PLUGFORMER_DISABLE_PLUGINS={component.provider.plugin} "
                 f"(or {taken.provider.plugin}), or uninstall {component.provider.distribution}",
             )
+        node = config_node(component)  # refuses a bad config before anything is stored
         self._components[component.kind][component.name] = component
         package = f"techniques.{component.name}" if component.kind == "technique" else None
-        node = config_node(component)
         self._config_store.store(group=component.group, name=component.name, node=node, package=package)
         if component.kind == "attention":
             self._config_store.store(group=CROSS_ATTENTION_GROUP, name=component.name, node=node)
@@ -182,3 +223,68 @@ class Registry:
 
     def __len__(self) -> int:
         return sum(len(named) for named in self._components.values())
+
+
+class RegistryView:
+    """What ``register_components(registry)`` receives: the session's :class:`Registry` seen
+    by one plugin.
+
+    - :meth:`add` registers a component with the plugin as its provider;
+    - :meth:`get`, :meth:`names`, :meth:`components` and ``in`` read the whole registry, but
+      only once every plugin has registered: called from ``register_components`` itself they
+      raise :class:`PluginError`, because what they would see depends on the load order.
+      Resolve other components lazily instead — in a factory or a capabilities function
+      that closes over the view (the ``moe`` ffn builds its experts this way) — or register
+      what depends on them in a callback given to :meth:`after_loading`.
+    """
+
+    def __init__(self, registry: Registry, provider: Provider) -> None:
+        self._registry = registry
+        self.provider = provider
+
+    def add(self, component: Component) -> Component:
+        """Register ``component`` (see :meth:`Registry.add`); its provider is this plugin."""
+        with self._registry.providing(self.provider):
+            return self._registry.add(component)
+
+    def after_loading(self, callback: Callable[[RegistryView], None]) -> None:
+        """Call ``callback(view)`` once every plugin has registered its components, to add
+        components that depend on the others (a wrapper for every attention, say). Called at
+        once when loading is already over."""
+        if self._registry.loading:
+            self._registry._after_loading.append((self, callback))
+        else:
+            callback(self)
+
+    def get(self, kind: str, name: str) -> Component:
+        """The component ``name`` of ``kind`` (see :meth:`Registry.get`)."""
+        self._refuse_while_loading(f"get({kind!r}, {name!r})")
+        return self._registry.get(kind, name)
+
+    def names(self, kind: str) -> list[str]:
+        self._refuse_while_loading(f"names({kind!r})")
+        return self._registry.names(kind)
+
+    def components(self, kind: str | None = None) -> list[Component]:
+        self._refuse_while_loading("components()")
+        return self._registry.components(kind)
+
+    def __contains__(self, qualified: tuple[str, str]) -> bool:
+        self._refuse_while_loading(f"{qualified!r} in registry")
+        return qualified in self._registry
+
+    def __len__(self) -> int:
+        self._refuse_while_loading("len(registry)")
+        return len(self._registry)
+
+    def _refuse_while_loading(self, call: str) -> None:
+        if not self._registry.loading:
+            return
+        raise PluginError(
+            f"Plugin {self.provider.plugin!r} ({self.provider}) called registry.{call} inside register_components, "
+            "while plugins are still loading: what it sees would depend on the order plugins load in.",
+            expected="lookups of other components only once every plugin has registered",
+            fix="look the component up when it is needed (in your factory or capabilities function), or register "
+            "what depends on other components in registry.after_loading(callback); or disable the plugin with "
+            f"PLUGFORMER_DISABLE_PLUGINS={self.provider.plugin}",
+        )

@@ -6,11 +6,11 @@ is one new file; modules without it (shared helpers such as ``sequence_mixer``) 
 import importlib
 import pkgutil
 
-from plugformer import Registry, hookimpl
+from plugformer import RegistryView, hookimpl
 
 
 @hookimpl
-def register_components(registry: Registry) -> None:
+def register_components(registry: RegistryView) -> None:
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name):
         module = importlib.import_module(f"{__name__}.{info.name}")
         if hasattr(module, "COMPONENT"):

@@ -1,10 +1,10 @@
 """Built-in block components: how a layer wires attention, cross-attention and feed-forward."""
 
-from plugformer import Registry, hookimpl
+from plugformer import RegistryView, hookimpl
 from plugformer_plugins.block import deepnorm, parallel, standard
 
 
 @hookimpl
-def register_components(registry: Registry) -> None:
+def register_components(registry: RegistryView) -> None:
     for module in (standard, parallel, deepnorm):
         registry.add(module.COMPONENT)

@@ -4,13 +4,13 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from plugformer import Registry, hookimpl
+from plugformer import RegistryView, hookimpl
 from plugformer_plugins.ffn import glu, mlp, moe
 from plugformer_plugins.ffn.moe_metrics import ExpertMetrics
 
 
 @hookimpl
-def register_components(registry: Registry) -> None:
+def register_components(registry: RegistryView) -> None:
     for module in (mlp, glu):
         registry.add(module.COMPONENT)
     registry.add(moe.make_component(registry))  # its experts are any ffn of this registry

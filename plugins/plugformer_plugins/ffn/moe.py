@@ -45,6 +45,7 @@ from plugformer import (
     ConfigError,
     FeedForward,
     Registry,
+    RegistryView,
     UnknownComponentError,
     bounds,
     check_bounds,
@@ -131,7 +132,7 @@ class MixtureOfExperts(FeedForward):
     """Top-k routing over experts with capacity, auxiliary losses and routing statistics
     (the module docstring states the contract). ``layer_name`` is "<stack>_<layer index>"."""
 
-    def __init__(self, config: MoEConfig, ctx: BuildContext, registry: Registry) -> None:
+    def __init__(self, config: MoEConfig, ctx: BuildContext, registry: Registry | RegistryView) -> None:
         super().__init__()
         component, expert_config = expert_choice(registry, config)
         self.config = config
@@ -231,7 +232,7 @@ class MixtureOfExperts(FeedForward):
         )
 
 
-def expert_choice(registry: Registry, config: MoEConfig) -> tuple[Component, Any]:
+def expert_choice(registry: Registry | RegistryView, config: MoEConfig) -> tuple[Component, Any]:
     """The expert's component and its config object, checked: raises ConfigError for an
     unknown or MoE expert, bad expert options, or top_k above num_experts."""
     if config.top_k > config.num_experts:
@@ -262,10 +263,13 @@ def expert_choice(registry: Registry, config: MoEConfig) -> tuple[Component, Any
     return component, expert_config
 
 
-def make_component(registry: Registry) -> Component:
-    """The ``moe`` component, building its experts through ``registry`` (the session's, as
-    :func:`register_components` receives it). Its capabilities are its expert's, and
-    computing them checks the config, so a bad expert is refused before any data is built."""
+def make_component(registry: RegistryView | Registry) -> Component:
+    """The ``moe`` component, building its experts through ``registry`` (the view
+    :func:`register_components` receives). The expert is looked up only when the moe is
+    built or its capabilities are asked for, after every plugin has registered, so an ffn of
+    any plugin, loaded before or after this one, can be an expert. Its capabilities are its
+    expert's, and computing them checks the config, so a bad expert is refused before any
+    data is built."""
 
     def build_moe(config: MoEConfig, ctx: BuildContext) -> MixtureOfExperts:
         return MixtureOfExperts(config, ctx, registry)

@@ -1,10 +1,10 @@
 """Built-in norm components."""
 
-from plugformer import Registry, hookimpl
+from plugformer import RegistryView, hookimpl
 from plugformer_plugins.norm import layernorm, rmsnorm, scalenorm
 
 
 @hookimpl
-def register_components(registry: Registry) -> None:
+def register_components(registry: RegistryView) -> None:
     for module in (layernorm, rmsnorm, scalenorm):
         registry.add(module.COMPONENT)

@@ -2,12 +2,12 @@
 
 from typing import Any
 
-from plugformer import Registry, hookimpl
+from plugformer import RegistryView, hookimpl
 from plugformer_plugins.objective import causal_lm, classification, masked_lm, seq2seq, span_corruption
 
 
 @hookimpl
-def register_components(registry: Registry) -> None:
+def register_components(registry: RegistryView) -> None:
     for module in (causal_lm, classification, masked_lm, seq2seq, span_corruption):
         registry.add(module.COMPONENT)
 

@@ -1,10 +1,10 @@
 """Built-in position components."""
 
-from plugformer import Registry, hookimpl
+from plugformer import RegistryView, hookimpl
 from plugformer_plugins.position import absolute, alibi, rope, shaw, t5
 
 
 @hookimpl
-def register_components(registry: Registry) -> None:
+def register_components(registry: RegistryView) -> None:
     for component in (absolute.NONE, absolute.SINUSOIDAL, absolute.LEARNED, rope.COMPONENT, alibi.COMPONENT, shaw.COMPONENT, t5.COMPONENT):
         registry.add(component)
