@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from plugformer.components import BuildContext, PositionEncoding, mark_residual_projection
 from plugformer.errors import ConfigError
+from plugformer.masks import allowed_keys, causal_allowed, no_key_fallback  # noqa: F401 - re-exported
 
 
 class AttentionState:
@@ -104,15 +105,6 @@ class KVCache(AttentionState):
         if self.keys is None:
             return 0
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
-
-
-def causal_allowed(q_length: int, k_length: int, device: torch.device) -> Tensor:
-    """(Lq, Lk) bool: query i sees key j when j ≤ i + (Lk − Lq), i.e. the queries are the last
-    Lq of the keys' tokens (a cache holds the earlier ones)."""
-    offset = k_length - q_length
-    i = torch.arange(q_length, device=device)[:, None]
-    j = torch.arange(k_length, device=device)[None, :]
-    return j <= i + offset
 
 
 def repeat_kv(x: Tensor, n_heads: int) -> Tensor:
@@ -194,7 +186,8 @@ class Attention(nn.Module):
         out = self.attend(
             q, k, v, key_padding_mask=key_mask, q_positions=positions, k_positions=k_positions, state=state
         )
-        return self.out(out.transpose(1, 2).reshape(batch, length, d_model))
+        # n_heads·head_dim, not d_model: head pruning may leave fewer heads than d_model/head_dim.
+        return self.out(out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim))
 
     def new_state(self, batch_size: int, *, streaming: bool = False) -> AttentionState | None:
         """A fresh state: for decoding (``streaming`` False) a :class:`KVCache` limited to

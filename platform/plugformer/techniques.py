@@ -31,6 +31,7 @@ class TechniqueContext:
     registry: Registry
     run_dir: Path
     frozen: dict[str, nn.Module] = field(default_factory=dict)
+    trainable: dict[str, nn.Module] = field(default_factory=dict)
     plugins: Plugins | None = field(default=None, repr=False)
 
     def load_run(self, run_dir: str | Path, *, checkpoint: str = "best") -> LoadedRun:
@@ -45,4 +46,12 @@ class TechniqueContext:
             raise ValueError(f"a frozen module named {name!r} is already registered")
         module.eval().requires_grad_(False)
         self.frozen[name] = module
+        return module
+
+    def add_trainable(self, name: str, module: nn.Module) -> nn.Module:
+        """Train ``module`` beside the model under ``name`` (optimized, checkpointed, not part of
+        the model); returns it. Register it when the technique is created or in ``model_built``."""
+        if name in self.trainable:
+            raise ValueError(f"a trainable auxiliary module named {name!r} is already registered")
+        self.trainable[name] = module
         return module

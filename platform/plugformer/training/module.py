@@ -52,7 +52,9 @@ class TrainingModule(pl.LightningModule):
     With ``carry_state`` (a data task that streams ordered segments), each stage keeps the
     model's streaming state from one batch to the next, detached after every step and
     started afresh at every epoch. ``frozen`` modules (techniques' teachers) follow the
-    model's device but are neither trained nor saved.
+    model's device but are neither trained nor saved; ``auxiliary`` modules (a technique's
+    trainable projection) follow the device, are optimized with the model and saved under
+    ``auxiliary.<name>`` (absent when there are none, so checkpoints keep their keys).
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class TrainingModule(pl.LightningModule):
         *,
         carry_state: bool = False,
         frozen: Mapping[str, nn.Module] | None = None,
+        auxiliary: Mapping[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -72,6 +75,8 @@ class TrainingModule(pl.LightningModule):
         self._states: dict[str, ModelState | None] = {}
         # A plain dict, so these modules are not submodules: out of state_dict and parameters().
         self.frozen: dict[str, nn.Module] = dict(frozen or {})
+        if auxiliary:
+            self.auxiliary = nn.ModuleDict(dict(auxiliary))
 
     def forward(self, batch: dict[str, Tensor]) -> ObjectiveOutput:
         return self.model(batch)
@@ -144,5 +149,7 @@ class TrainingModule(pl.LightningModule):
         self._states.pop("test", None)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer, scheduler = build_optimizer(self.model, self.optim, int(self.trainer.estimated_stepping_batches))
+        auxiliary = getattr(self, "auxiliary", None)
+        trained = self.model if auxiliary is None else nn.ModuleList([self.model, auxiliary])
+        optimizer, scheduler = build_optimizer(trained, self.optim, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

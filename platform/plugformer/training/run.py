@@ -180,7 +180,8 @@ def _train(state: RunState, plugins: Plugins, ckpt_path: str | None, checkpoint:
     techniques = chosen_techniques(cfg, registry)
     state.params = model.num_parameters()
     state.module = TrainingModule(
-        model, optim_config(cfg), hooks, carry_state=data.streams, frozen=built.context.frozen
+        model, optim_config(cfg), hooks, carry_state=data.streams, frozen=built.context.frozen,
+        auxiliary=built.context.trainable,
     )
 
     tags = component_tags(chosen, techniques, state.plan) + list(cfg.get("tags") or [])
