@@ -56,6 +56,23 @@ def _split_residues(x: Tensor, dim: int, dilation: int, fill: float | bool) -> T
     return x.unflatten(dim, (-1, dilation)).transpose(dim - 1, dim)
 
 
+@dataclass
+class ExtraKeys:
+    """Keys that every query may see besides its window (Longformer's global tokens).
+
+    ``keys``/``values`` (batch, heads, g, head_dim); ``index`` (batch, g) their sequence
+    indices; ``valid`` (batch, g) False for unused slots; ``positions`` (batch or 1, g). A query
+    at index i sees extra key j when it is valid, not already in i's window (so no key counts
+    twice in the softmax) and, when causal, j ≤ i.
+    """
+
+    keys: Tensor
+    values: Tensor
+    index: Tensor
+    valid: Tensor
+    positions: Tensor
+
+
 class SlidingWindowAttention(Attention):
     """Local attention over (batch, heads, length, head_dim), in blocks of ``window`` queries.
 
@@ -95,6 +112,14 @@ class SlidingWindowAttention(Attention):
     ) -> Tensor:
         if q.shape[-2] != k.shape[-2]:
             return self._attend_cached(q, k, v, key_padding_mask, q_positions, k_positions)
+        return self.attend_sliding(q, k, v, key_padding_mask=key_padding_mask, positions=q_positions)
+
+    def attend_sliding(
+        self, q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None, positions: Tensor,
+        extra: ExtraKeys | None = None,
+    ) -> Tensor:
+        """The window attention of a whole sequence (Lq = Lk), each query also seeing the
+        ``extra`` keys; O(n·(w + g)) time and memory."""
         length = q.shape[-2]
         d = self.dilation
         if key_padding_mask is None:
@@ -103,7 +128,8 @@ class SlidingWindowAttention(Attention):
             valid = key_padding_mask.bool()
         q, k, v = (_split_residues(t, -2, d, 0.0) for t in (q, k, v))  # (batch, heads, d, m, head_dim)
         out = self._attend_windows(
-            q, k, v, valid=_split_residues(valid, -1, d, False), positions=_split_residues(q_positions, -1, d, 0)
+            q, k, v, valid=_split_residues(valid, -1, d, False), positions=_split_residues(positions, -1, d, 0),
+            extra=extra,
         )
         return out.transpose(-3, -2).flatten(-3, -2)[..., :length, :]
 
@@ -124,7 +150,9 @@ class SlidingWindowAttention(Attention):
             allowed = allowed & key_padding_mask[:, None, None, :].bool()
         return self.explicit_attend(q, k, v, allowed, q_positions, k_positions)
 
-    def _attend_windows(self, q: Tensor, k: Tensor, v: Tensor, *, valid: Tensor, positions: Tensor) -> Tensor:
+    def _attend_windows(
+        self, q: Tensor, k: Tensor, v: Tensor, *, valid: Tensor, positions: Tensor, extra: ExtraKeys | None = None
+    ) -> Tensor:
         """Undilated window attention; q/k/v (..., m, head_dim), valid (batch, R, m), positions (batch or 1, R, m)."""
         m = q.shape[-2]
         block = min(self.window, m)
@@ -149,8 +177,47 @@ class SlidingWindowAttention(Attention):
         band = (offset >= 0) & (offset < self.window) if self.causal else offset.abs() < self.window
         allowed = band & key_valid[:, None, :, :, None, :]  # (batch, 1, R, nb, block, span)
         q_positions = _pad(positions, -1, 0, tail, 0).unflatten(-1, (n_blocks, block))
-        out = self.explicit_attend(q_blocks, k_windows, v_windows, allowed, q_positions, windows(positions, -1, 0))
+        k_positions = windows(positions, -1, 0)
+        if extra is not None:
+            k_windows, v_windows, allowed, k_positions = self._append_extra(
+                extra, k_windows, v_windows, allowed, k_positions, block
+            )
+        out = self.explicit_attend(q_blocks, k_windows, v_windows, allowed, q_positions, k_positions)
         return out.flatten(-3, -2)[..., :m, :]
+
+    def _append_extra(
+        self, extra: ExtraKeys, k_windows: Tensor, v_windows: Tensor, allowed: Tensor, k_positions: Tensor, block: int
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Each block's window keys followed by the g extra keys (the same for every block)."""
+        residues, n_blocks = k_windows.shape[2], k_windows.shape[3]
+        # Sequence index of query row t of block c in residue r: (c·block + t)·d + r.
+        rows = torch.arange(n_blocks * block, device=k_windows.device).view(n_blocks, block)
+        query_index = rows * self.dilation + torch.arange(residues, device=rows.device)[:, None, None]
+        distance = query_index[None, ..., None] - extra.index[:, None, None, None, :]  # (batch, R, nb, block, g)
+        reach = (self.window - 1) * self.dilation
+        in_window = (distance % self.dilation == 0) & (distance.abs() <= reach)
+        if self.causal:
+            in_window = in_window & (distance >= 0)
+        seen = extra.valid[:, None, None, None, :] & ~in_window
+        if self.causal:
+            seen = seen & (distance >= 0)
+
+        def per_block(x: Tensor) -> Tensor:  # (batch, heads, g, hd) → (batch, heads, R, nb, g, hd)
+            return x[:, :, None, None].expand(-1, -1, residues, n_blocks, -1, -1)
+
+        batch = max(allowed.shape[0], seen.shape[0])
+        allowed = torch.cat([allowed.expand(batch, -1, -1, -1, -1, -1), seen[:, None]], dim=-1)
+        extra_positions = extra.positions[:, None, None, :].expand(-1, residues, n_blocks, -1)
+        batch = max(k_positions.shape[0], extra_positions.shape[0])
+        k_positions = torch.cat(
+            [k_positions.expand(batch, -1, -1, -1), extra_positions.expand(batch, -1, -1, -1)], dim=-1
+        )
+        return (
+            torch.cat([k_windows, per_block(extra.keys)], dim=-2),
+            torch.cat([v_windows, per_block(extra.values)], dim=-2),
+            allowed,
+            k_positions,
+        )
 
 
 COMPONENT = Component(

@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from plugformer import BuildContext, Capabilities, Component, ConfigError, Objective, ObjectiveOutput, bounds
+from plugformer import BuildContext, Capabilities, Component, ConfigError, ModelInputs, Objective, ObjectiveOutput, bounds
+
+#: The extras key of the per-token global-attention mask (docs/plugins.md, "The objective owns the batch").
+GLOBAL_MASK = "global_mask"
 
 
 class Pooling(str, Enum):
@@ -40,7 +43,9 @@ def pool(hidden: Tensor, attention_mask: Tensor | None, pooling: Pooling) -> Ten
 class Classification(Objective):
     """Cross-entropy of ``labels`` (batch,) against a linear head on the pooled hidden
     states. Metric: accuracy. The encoder (bidirectional attention) follows from the
-    capabilities; ``num_classes`` comes from the data task's facts (``ctx.task``)."""
+    capabilities; ``num_classes`` comes from the data task's facts (``ctx.task``). With CLS
+    pooling it marks the CLS token in ``extras["global_mask"]``, so an attention with global
+    tokens (``longformer``) lets it see the whole sequence, as Longformer does for classification."""
 
     def __init__(self, config: ClassificationConfig, ctx: BuildContext) -> None:
         super().__init__()
@@ -54,6 +59,14 @@ class Classification(Objective):
         self.pooling = Pooling(config.pooling)
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(ctx.d_model, num_classes)
+
+    def model_inputs(self, batch: dict[str, Tensor]) -> ModelInputs:
+        inputs = super().model_inputs(batch)
+        if self.pooling is Pooling.cls:
+            marked = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+            marked[:, 0] = True
+            inputs.extras[GLOBAL_MASK] = marked
+        return inputs
 
     def forward(self, hidden: Tensor, batch: dict[str, Tensor]) -> ObjectiveOutput:
         pooled = pool(hidden, batch.get("attention_mask"), self.pooling)
