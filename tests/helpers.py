@@ -22,12 +22,22 @@ FAST = [
 ]
 
 
+def plain_by_default(args: tuple[str, ...]) -> list[str]:
+    """``train`` commands start from ``experiment=plain`` (the chosen attention in every
+    layer; tests compare components) unless they name an experiment, resume a run or use
+    their own primary config (sweep files choose their experiment themselves)."""
+    own_config = any(a.startswith(("resume=", "--config-name", "-cn")) for a in args)
+    if args[:1] != ("train",) or own_config:
+        return list(args)
+    return ["train", "experiment=plain", *args[1:]]
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, python: str | None = None, timeout: int = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """``python -m plugformer <args>``; returns the completed process (output captured)."""
     inherited = {name: value for name, value in os.environ.items() if name != "HYDRA_FULL_ERROR"}
     full_env = {**inherited, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
     return subprocess.run(
-        [python or sys.executable, "-m", "plugformer", *args],
+        [python or sys.executable, "-m", "plugformer", *plain_by_default(args)],
         capture_output=True,
         text=True,
         env=full_env,
@@ -45,7 +55,7 @@ def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen
     inherited = {name: value for name, value in os.environ.items() if name != "HYDRA_FULL_ERROR"}
     full_env = {**inherited, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
     return subprocess.Popen(
-        [sys.executable, "-m", "plugformer", *args],
+        [sys.executable, "-m", "plugformer", *plain_by_default(args)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=full_env, cwd=str(REPO),
     )
 

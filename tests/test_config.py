@@ -83,3 +83,22 @@ def test_objective_and_data_requirements_are_checked(registry) -> None:
     message = str(error.value)
     assert "objective 'causal_lm' needs causal" in message and "'encoder_only'" in message
     assert "full" in message
+
+
+def test_the_default_run_is_the_hybrid_recall_recipe() -> None:
+    import plugformer
+
+    def mixers(*overrides: str) -> list[str]:
+        built = plugformer.build(plugformer.compose([*overrides, "logger=none", "data.train_examples=64", "data.val_examples=16"]))
+        return [type(block.attention).__name__ for block in built.model.decoder.blocks]
+
+    cfg = plugformer.compose([])
+    assert cfg.experiment_name == "default" and cfg.data.name == "mqar"
+    assert (cfg.data.num_pairs, cfg.data.vocab_size, cfg.model.position.name) == (8, 256, "none")
+    assert mixers() == ["ShortConv", "FullAttention"]
+    # model/attention chooses the attention layers of the alternating pattern ...
+    assert mixers("model/attention=local", "model.n_layers=4") == ["ShortConv", "SlidingWindowAttention"] * 2
+    # ... an explicit plan replaces it, and experiment=plain has the attention in every layer.
+    assert mixers("model.plan.attention=[local,full]") == ["SlidingWindowAttention", "FullAttention"]
+    assert mixers("experiment=plain") == ["FullAttention", "FullAttention"]
+    assert plugformer.compose(["experiment=plain"]).model.position.name == "learned"

@@ -16,7 +16,7 @@ from helpers import FAST, REPO, read_summary, run_cli
 
 pytestmark = pytest.mark.slow
 
-SETTINGS = ["trainer.max_steps=12", "trainer.val_check_interval=12", *FAST]
+SETTINGS = ["experiment=plain", "trainer.max_steps=12", "trainer.val_check_interval=12", *FAST]
 
 
 def full_validation_loss(run_dir: Path, registry) -> float:

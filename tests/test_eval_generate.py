@@ -19,7 +19,7 @@ from plugformer import CapabilityError, ConfigError
 pytestmark = pytest.mark.slow
 
 TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "callbacks.progress_bar=none", "trainer.max_steps=20", "trainer.val_check_interval=20"]
-MQAR = ["data.vocab_size=32", "data.seq_len=16", "data.num_pairs=3", "data.train_examples=400", "data.val_examples=64", "data.batch_size=32"]
+MQAR = ["experiment=plain", "data.vocab_size=32", "data.seq_len=16", "data.num_pairs=3", "data.train_examples=400", "data.val_examples=64", "data.batch_size=32"]
 RUNS = {
     "learned": [*MQAR, "model/position=learned", "logger=none"],
     "alibi": [*MQAR, "model/position=alibi", "logger=wandb"],

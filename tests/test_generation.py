@@ -14,7 +14,7 @@ from plugformer import ConfigError
 from plugformer.model.generation import DecodingConfig, fill_masks, filter_logits, generate, greedy
 from plugformer.plugins import load_plugins
 
-TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "logger=none"]
+TINY = ["experiment=plain", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "logger=none"]
 MQAR = ["data.vocab_size=12", "data.seq_len=8", "data.num_pairs=2", "data.train_examples=32", "data.val_examples=16"]
 REVERSE = ["experiment=reverse_small", "data.train_examples=64", "data.val_examples=16", "data.test_examples=0", "data.vocab_size=8", "data.max_length=6"]
 

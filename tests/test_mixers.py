@@ -1,6 +1,6 @@
 """The short sequence mixers short_conv and token_shift: what they compute, the conformance
 kit with non-default options, layer plans with attention, decoding with their state, and
-refusals of positions they cannot apply."""
+positions in hybrid plans (applied to attention layers, skipped in mixer layers)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from plugformer_plugins.attention.sequence_mixer import RecentInputs
 from plugformer_plugins.attention.short_conv import ShortConv, ShortConvConfig
 from plugformer_plugins.attention.token_shift import TokenShift, TokenShiftConfig
 
-TINY = ["model.d_model=32", "model.n_layers=2", "logger=none",
+TINY = ["experiment=plain", "model.d_model=32", "model.n_layers=2", "logger=none",
         "data.vocab_size=12", "data.seq_len=8", "data.num_pairs=2", "data.train_examples=32", "data.val_examples=16"]
 
 
@@ -26,7 +26,7 @@ def context(causal: bool = True, d_model: int = 8) -> BuildContext:
 
 
 @pytest.mark.parametrize(
-    "config", [ShortConvConfig(kernel_size=2), ShortConvConfig(kernel_size=3, gate=False, bias=False)], ids=["k2", "k3-plain"]
+    "config", [ShortConvConfig(kernel_size=2), ShortConvConfig(kernel_size=3, gate=True, bias=False)], ids=["k2", "k3-gated"]
 )
 def test_short_conv_conforms_with_options(config: ShortConvConfig) -> None:
     check_component(short_conv.COMPONENT, config)
@@ -104,11 +104,23 @@ def test_hybrid_plans_decode_with_their_state_as_without() -> None:
         assert torch.equal(cached, greedy(model, prompts, 8, attention_mask=mask, use_cache=False)), plan
 
 
-def test_a_mixer_refuses_positions_it_cannot_apply_naming_the_layer() -> None:
+@pytest.mark.parametrize("position", ["alibi", "rope", "t5"])
+def test_positions_apply_to_the_attention_layers_of_a_hybrid_plan(position: str) -> None:
+    built = plugformer.build(plugformer.compose([*TINY, f"model/position={position}", "model.plan.attention=[short_conv,full]"]))
+    mixer, attention = (block.attention for block in built.model.decoder.blocks)
+    assert getattr(mixer, "position", None) is None
+    assert attention.position is not None
+    batch = {"input_ids": torch.randint(1, 12, (2, 10)), "labels": torch.randint(1, 12, (2, 10))}
+    before = built.model(batch).logits
+    attention.position = None  # the position changes what the attention layer computes
+    assert not torch.allclose(before, built.model(batch).logits)
+
+
+def test_a_hybrid_plan_still_refuses_positions_its_attention_layers_cannot_apply() -> None:
     with pytest.raises(CapabilityError) as refused:
-        plugformer.build(plugformer.compose([*TINY, "model/position=alibi", "model.plan.attention=[short_conv,full]"]))
+        plugformer.build(plugformer.compose([*TINY, "model/position=alibi", "model.plan.attention=[short_conv,linear]"]))
     message = str(refused.value)
-    assert "'alibi' needs score_bias" in message and "'short_conv'" in message and "layer 0" in message
+    assert "'alibi' needs score_bias" in message and "'linear'" in message and "layer 1" in message
 
 
 def test_deepnorm_and_encoders_build_with_mixers() -> None:

@@ -24,7 +24,7 @@ from plugformer_plugins.block.parallel import ParallelBlock
 from plugformer_plugins.ffn.glu import GLU
 from plugformer_plugins.ffn.mlp import MLP
 
-SMALL = ["model.d_model=32", "data.train_examples=64", "data.val_examples=32", "data.batch_size=16", "logger=none"]
+SMALL = ["experiment=plain", "model.d_model=32", "data.train_examples=64", "data.val_examples=32", "data.batch_size=16", "logger=none"]
 
 
 def built(*overrides: str, plugins=None) -> plugformer.Built:

@@ -200,7 +200,7 @@ def test_the_router_computes_in_float32_under_autocast(registry) -> None:
 
 
 # --- configuration, plans, init ---------------------------------------------------------------
-SMALL = ["model.d_model=32", "data.train_examples=64", "data.val_examples=32", "data.batch_size=16", "logger=none"]
+SMALL = ["experiment=plain", "model.d_model=32", "data.train_examples=64", "data.val_examples=32", "data.batch_size=16", "logger=none"]
 
 
 def test_experts_are_any_registered_ffn_with_their_own_options() -> None:

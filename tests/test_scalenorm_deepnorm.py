@@ -17,7 +17,7 @@ from plugformer.training.optim import parameter_groups
 from plugformer_plugins.block.deepnorm import DeepNormBlock, deepnorm_gains
 from plugformer_plugins.norm.scalenorm import COMPONENT as SCALENORM, ScaleNorm, ScaleNormConfig
 
-SMALL = ["data.train_examples=64", "data.val_examples=32", "data.batch_size=16", "logger=none"]
+SMALL = ["experiment=plain", "data.train_examples=64", "data.val_examples=32", "data.batch_size=16", "logger=none"]
 
 
 # --- ScaleNorm --------------------------------------------------------------------------------

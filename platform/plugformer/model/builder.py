@@ -136,7 +136,10 @@ def build_model(cfg: DictConfig, chosen: dict[str, Chosen], data: DataTask, plan
     for stack, layers in plan.stacks.items():
         ctx = replace(base, stack=stack, n_layers=len(layers), causal=stack == "decoder")
         position = make("position", ctx)
-        blocks = [_build_block(layer, replace(ctx, layer_index=layer.index, position=position.for_layer(layer.index)), lambda: make("norm", ctx)) for layer in layers]
+        blocks = [
+            _build_block(layer, replace(ctx, layer_index=layer.index, position=position.for_layer(layer.index) if layer.uses_positions else None), lambda: make("norm", ctx))
+            for layer in layers
+        ]
         final_norm = make("norm", ctx) if blocks[-1].final_norm else nn.Identity()
         stacks[stack] = Stack(stack, position, blocks, final_norm, model_cfg.dropout)
     head_ctx = replace(base, causal=plan.architecture != "encoder", token_embedding=token_embedding if model_cfg.tie_embeddings else None)

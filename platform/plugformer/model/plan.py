@@ -38,6 +38,13 @@ class LayerSpec:
     def describe(self) -> dict[str, str]:
         return {slot: chosen.name for slot, chosen in self.slots().items()}
 
+    @property
+    def uses_positions(self) -> bool:
+        """False when the attention slot holds a component that orders tokens by itself
+        (``ignores_positions``, e.g. a short convolution): the position component's terms
+        and requirements then skip this layer."""
+        return "ignores_positions" not in self.attention.provides()
+
 
 @dataclass(frozen=True)
 class ModelPlan:
@@ -169,6 +176,8 @@ def check_plan(plan: ModelPlan, shared: dict[str, Chosen], registry: Registry, o
     decoder layers."""
     for layer in plan.layers():
         chosen = {**shared, **layer.slots()}
+        if not layer.uses_positions:
+            del chosen["position"]
         where = f"layer {layer.index} of the {layer.stack}"
         check_requirements(chosen, registry, where=where)
         mode = "causal" if layer.stack == "decoder" else "bidirectional"

@@ -5,10 +5,11 @@ state that holds those tokens.
 A mixer's output at index t depends only on the (projected) inputs at indices t − left ..
 t + right of the same example: causal mixers have ``right = 0``; bidirectional ones look
 ahead too. Positions are indices in the sequence, so a mixer ignores ``positions`` and
-works with any position component that does not need the attention's cooperation
-(``input_embedding`` positions such as learned or sinusoidal, or none); it provides no
-``score_bias``, ``qk_transform`` or ``relative_terms``, so the builder refuses positions
-that need them (ALiBi, RoPE, T5, Shaw) before training.
+works with any position component: it declares ``ignores_positions``, so in its layers
+the builder neither checks a position's needs (``score_bias``, ``qk_transform``,
+``relative_terms``: ALiBi, RoPE, T5, Shaw) nor hands it the position; input-embedding
+positions (learned, sinusoidal) still reach it through the residual stream. A
+``[short_conv, full]`` plan with RoPE rotates queries and keys in the attention layer only.
 
 Padding: inputs at padded indices (``mask`` False) are set to zero before mixing, exactly the
 zeros that pad the sequence's start, so padding never reaches a real token and a

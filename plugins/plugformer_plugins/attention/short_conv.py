@@ -2,7 +2,7 @@
 (Zoology's BaseConv, Arora et al. 2023; the short convolutions of H3, Fu et al. 2023).
 
     u = W_in x,    c_t = b + Σ_{m=0}^{k−1} w_m ⊙ u_{t−m}    (causal; per channel),
-    y = W_out (c ⊙ W_gate x)    (``gate``; without it y = W_out c)
+    y = W_out c,    or with ``gate``: y = W_out (c ⊙ W_gate x)  (BaseConv's multiplicative gate)
 
 with kernel size k = ``kernel_size`` (3 or 4 in Zoology and H3). Bidirectional (an encoder),
 the window is centred instead: taps t − ⌈(k−1)/2⌉ .. t + ⌊(k−1)/2⌋. Cost is O(n·k·d) in time
@@ -27,11 +27,12 @@ from plugformer_plugins.attention.sequence_mixer import SequenceMixer, empty_vie
 @dataclass
 class ShortConvConfig:
     """``kernel_size``: tokens each output reads (itself and k − 1 earlier ones); ``gate``:
-    multiply the convolution by a projection of the input (BaseConv); ``bias``: biases of
-    the projections and the convolution."""
+    multiply the convolution by a projection of the input (BaseConv). Off by default: in a
+    2-layer MQAR model with a 4·d MLP the gated form learned several times slower
+    (docs/mixers.md). ``bias``: biases of the projections and the convolution."""
 
     kernel_size: int = field(default=4, metadata=bounds(ge=2))
-    gate: bool = True
+    gate: bool = False
     bias: bool = True
 
 
@@ -78,7 +79,7 @@ COMPONENT = Component(
     summary="Short depthwise convolution over the sequence (kernel 3–4) with input/output projections and a gate.",
     reference="Arora et al. 2023, Zoology (BaseConv); Fu et al. 2023, Hungry Hungry Hippos (H3)",
     capabilities=Capabilities(
-        provides={"causal", "bidirectional", "key_padding_mask", "incremental_decoding"},
+        provides={"causal", "bidirectional", "key_padding_mask", "incremental_decoding", "ignores_positions"},
         cost="linear",
     ),
 )

@@ -80,7 +80,7 @@ COMPONENT = Component(
     summary="Token shift: a fraction of the channels from the previous token, then a projection.",
     reference="Peng et al. 2023, RWKV: Reinventing RNNs for the Transformer Era; lucidrains/x-transformers shift_tokens",
     capabilities=Capabilities(
-        provides={"causal", "bidirectional", "key_padding_mask", "incremental_decoding"},
+        provides={"causal", "bidirectional", "key_padding_mask", "incremental_decoding", "ignores_positions"},
         cost="linear",
     ),
 )
