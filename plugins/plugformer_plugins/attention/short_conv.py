@@ -27,9 +27,10 @@ from plugformer_plugins.attention.sequence_mixer import SequenceMixer, empty_vie
 @dataclass
 class ShortConvConfig:
     """``kernel_size``: tokens each output reads (itself and k − 1 earlier ones); ``gate``:
-    multiply the convolution by a projection of the input (BaseConv). Off by default: in a
-    2-layer MQAR model with a 4·d MLP the gated form learned several times slower
-    (docs/mixers.md). ``bias``: biases of the projections and the convolution."""
+    multiply the convolution by a projection of the input (BaseConv). Off by default: in the
+    default run's 2-layer MQAR hybrid the gated form learned several times slower
+    (docs/attention.md, "Sequence mixers"). ``bias``: biases of the projections and the
+    convolution."""
 
     kernel_size: int = field(default=4, metadata=bounds(ge=2))
     gate: bool = False
