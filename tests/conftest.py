@@ -18,6 +18,10 @@ from plugformer import BuildContext  # noqa: E402
 from plugformer.plugins import Plugins, load_plugins  # noqa: E402
 
 
+# The example plugins under fixtures/ are packages with tests of their own, run in an
+# environment where they are installed (tests/test_third_party_plugin.py), not collected here.
+collect_ignore_glob = ["fixtures/*"]
+
 # Tiny tensors run many times faster on one thread than on two busy cores.
 torch.set_num_threads(1)
 

@@ -4,6 +4,8 @@ pip-installed into a fresh virtual environment, is listed and trains."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import site
 import subprocess
 import sys
@@ -104,3 +106,16 @@ def test_allow_list_loads_only_the_named_plugins(plugin_env: Path, tmp_path: Pat
     result = run_cli("plugins", "--json", python=str(plugin_env), env={"PLUGFORMER_PLUGINS": "toy_attention"}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert {r["name"] for r in json.loads(result.stdout)} == {"toy_cosine"}
+
+
+def test_the_example_plugin_passes_its_own_conformance_tests(plugin_env: Path, tmp_path: Path) -> None:
+    """What docs/plugins.md points plugin authors to: the toy plugin's tests/ run the kit on
+    its COMPONENT, against the installed plugin, as in the plugin's own repository."""
+    project = tmp_path / "toy_plugin"
+    shutil.copytree(FIXTURES / "toy_plugin" / "tests", project / "tests")
+    result = subprocess.run(
+        [str(plugin_env), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n0", "--rootdir", str(project), str(project / "tests")],
+        capture_output=True, text=True, cwd=project, env={**os.environ, "PLUGFORMER_DISABLE_PLUGINS": "broken,clash"}, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "4 passed" in result.stdout

@@ -32,6 +32,7 @@ from plugformer.errors import (
     UnknownComponentError,
 )
 from plugformer.hookspecs import hookimpl
+from plugformer.masks import allowed_keys, no_key_fallback
 from plugformer.registry import KINDS, Component, Provider, Registry, RegistryView
 from plugformer.techniques import TechniqueContext
 
@@ -70,6 +71,7 @@ __all__ = [
     "StepInputs",
     "TechniqueContext",
     "UnknownComponentError",
+    "allowed_keys",
     "bounds",
     "check_bounds",
     "build",
@@ -79,6 +81,7 @@ __all__ = [
     "hookimpl",
     "load_run",
     "mark_residual_projection",
+    "no_key_fallback",
     "repeat_kv",
     "train",
 ]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from plugformer import Attention, AttentionState, BuildContext, Capabilities, Component, causal_allowed, repeat_kv
+from plugformer import Attention, AttentionState, BuildContext, Capabilities, Component, allowed_keys, no_key_fallback, repeat_kv
 
 
 @dataclass
@@ -50,11 +50,9 @@ class FullAttention(Attention):
         if bias is None and key_padding_mask is None and (not self.causal or q_length in (1, k_length)):
             causal = self.causal and q_length > 1
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal, enable_gqa=gqa)
-        allowed = self._allowed(q_length, k_length, key_padding_mask, q.device)
-        # A query with no visible key (a padded row) would give NaN: let it see every key
-        # for the kernel's sake, then return zeros for it, as the other attentions do.
-        visible = allowed.any(dim=-1, keepdim=True)
-        allowed = allowed | ~visible
+        # A query with no visible key (a padded row) would give NaN: it sees every key for the
+        # kernel's sake and returns zeros, as the contract asks.
+        allowed, visible = no_key_fallback(self._allowed(q_length, k_length, key_padding_mask, q.device))
         if bias is None:
             mask = allowed
         else:
@@ -63,15 +61,8 @@ class FullAttention(Attention):
         return out * visible.to(out.dtype)
 
     def _allowed(self, q_length: int, k_length: int, key_padding_mask: Tensor | None, device: torch.device) -> Tensor:
-        """(batch or 1, 1, Lq, Lk) bool: the keys each query may see."""
-        if self.causal:
-            allowed = causal_allowed(q_length, k_length, device)
-        else:
-            allowed = torch.ones(q_length, k_length, dtype=torch.bool, device=device)
-        allowed = allowed[None, None]
-        if key_padding_mask is not None:
-            allowed = allowed & key_padding_mask[:, None, None, :].bool()
-        return allowed
+        """(batch or 1, 1, Lq, Lk) bool: the keys each query may see (:func:`plugformer.allowed_keys`)."""
+        return allowed_keys(q_length, k_length, causal=self.causal, key_padding_mask=key_padding_mask, device=device)
 
 
 COMPONENT = Component(
