@@ -16,15 +16,19 @@ import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from datasets import DatasetDict, load_from_disk
 from filelock import FileLock
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from plugformer.batching import LengthGroupedSampler
+
 from plugformer.components import DataTask
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
 
 IGNORE_INDEX = -100
 
@@ -44,6 +48,8 @@ def cached_splits(cache_dir: Path, name: str, params: dict[str, Any], build: Cal
     and when a build is killed (written to a temporary folder, then renamed; the folders of
     killed builds are removed by the next build of the same key). A cache that no longer
     loads, or holds fewer rows than were saved (truncated or damaged files), is rebuilt."""
+    from datasets import load_from_disk
+
     root = Path(cache_dir) / name
     root.mkdir(parents=True, exist_ok=True)
     target = root / parameters_key(params)
@@ -69,6 +75,8 @@ def cached_splits(cache_dir: Path, name: str, params: dict[str, Any], build: Cal
 
 def _cache_problem(target: Path) -> str | None:
     """Why the cached splits in ``target`` cannot be used, or None when they load completely."""
+    from datasets import load_from_disk
+
     try:
         record = json.loads((target / PARAMS_FILE).read_text())
         splits = load_from_disk(str(target))
@@ -95,11 +103,12 @@ class CachedDatasetTask(DataTask):
     optionally "test"), each with an ``input_ids`` column and a ``labels`` column (a label
     per example, or a label sequence aligned with ``input_ids``)."""
 
-    def __init__(self, cache_dir: Path, batch_size: int, num_workers: int = 0) -> None:
+    def __init__(self, cache_dir: Path, batch_size: int, num_workers: int = 0, *, bucket_by_length: bool = False) -> None:
         super().__init__()
         self.cache_dir = Path(cache_dir)
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.bucket_by_length = bucket_by_length
         self.splits: DatasetDict | None = None
 
     # --- what a task implements -------------------------------------------------------
@@ -135,13 +144,32 @@ class CachedDatasetTask(DataTask):
             stacked = pad_sequences(labels, IGNORE_INDEX)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": stacked}
 
+    def example_lengths(self, split: str) -> list[int]:
+        """Tokens per example of ``split``: the lengths of its sequence columns
+        (``input_ids``, and ``labels`` when it holds sequences), added."""
+        import pyarrow.compute as pc
+
+        assert self.splits is not None
+        table = self.splits[split].data
+        total = None
+        for column in ("input_ids", "labels"):
+            if column in table.column_names and hasattr(table.column(column).type, "value_type"):
+                lengths = pc.list_value_length(table.column(column))
+                total = lengths if total is None else pc.add(total, lengths)
+        return total.to_pylist() if total is not None else [1] * self.splits[split].num_rows
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.prepare()
         assert self.splits is not None
+        sampler = None
+        if self.bucket_by_length:
+            # Seeded from the run's seed (seed_everything), so a seeded run repeats its batches.
+            sampler = LengthGroupedSampler(self.example_lengths(split), self.batch_size, shuffle=shuffle, seed=torch.initial_seed())
         return DataLoader(
             self.splits[split],
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             collate_fn=self.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

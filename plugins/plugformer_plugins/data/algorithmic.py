@@ -13,14 +13,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
-from datasets import Dataset, DatasetDict
 
 from plugformer import Capabilities, Component, ConfigError, DataContext, DataError, bounds
 from plugformer_plugins.data.seq2seq_batches import Seq2SeqTask
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from datasets import Dataset, DatasetDict
+
 
 PAD_ID, START_ID, EOS_ID = 0, 1, 2
 FIRST_SYMBOL = 3
@@ -44,6 +47,8 @@ class AlgorithmicConfig:
     test_examples: int = field(default=500, metadata=bounds(ge=0))
     batch_size: int = field(default=64, metadata=bounds(ge=1))
     num_workers: int = field(default=0, metadata=bounds(ge=0))
+    # Batches of examples of similar length (plugformer.batching): less padding per batch.
+    bucket_by_length: bool = False
     seed: int = 1234
 
 
@@ -93,6 +98,9 @@ def generate(config: AlgorithmicConfig, count: int, seed: int) -> list[np.ndarra
 
 def to_dataset(sources: list[np.ndarray], operation: Operation) -> Dataset:
     """``input_ids`` (the sources) and ``labels`` (each target followed by the end token)."""
+    import pyarrow as pa
+    from datasets import Dataset  # imported when data is built: it takes a second
+
     eos = np.array([EOS_ID], dtype=np.int16)
     targets = [np.concatenate([transform(s, operation), eos]) for s in sources]
 
@@ -113,7 +121,7 @@ class AlgorithmicTask(Seq2SeqTask):
 
     def __init__(self, config: AlgorithmicConfig, ctx: DataContext) -> None:
         check_config(config)
-        super().__init__(ctx.cache_dir, config.batch_size, config.num_workers)
+        super().__init__(ctx.cache_dir, config.batch_size, config.num_workers, bucket_by_length=config.bucket_by_length)
         self.config = config
 
     def cache_key(self) -> dict[str, Any]:
@@ -126,6 +134,8 @@ class AlgorithmicTask(Seq2SeqTask):
         }
 
     def build_splits(self) -> DatasetDict:
+        from datasets import DatasetDict
+
         c = self.config
         sizes = {"train": c.train_examples, "validation": c.val_examples, "test": c.test_examples}
         sources = generate(c, sum(sizes.values()), c.seed)

@@ -18,14 +18,15 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
-from datasets import Dataset, DatasetDict
 
 from plugformer import Capabilities, Component, ConfigError, DataContext, DataError, bounds
 from plugformer.data import CachedDatasetTask
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
 
 
 def median_truncated(values: Sequence[int]) -> int:
@@ -76,6 +77,8 @@ class ListOpsConfig:
     test_examples: int = field(default=1000, metadata=bounds(ge=0))
     batch_size: int = field(default=64, metadata=bounds(ge=1))
     num_workers: int = field(default=0, metadata=bounds(ge=0))
+    # Batches of examples of similar length (plugformer.batching): less padding per batch.
+    bucket_by_length: bool = True
     seed: int = 1234
 
 
@@ -180,6 +183,9 @@ def generate(config: ListOpsConfig, count: int, seed: int) -> tuple[list[bytes],
 
 def to_dataset(expressions: list[bytes], labels: list[int]) -> Dataset:
     """A dataset of ``input_ids`` (CLS + expression, int16) and ``labels`` (int64)."""
+    import pyarrow as pa
+    from datasets import Dataset  # imported when data is built: it takes a second
+
     tokens = np.frombuffer(b"".join(bytes([CLS_ID]) + e for e in expressions), dtype=np.uint8).astype(np.int16)
     offsets = np.zeros(len(expressions) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(e) + 1 for e in expressions])
@@ -193,7 +199,7 @@ class ListOpsTask(CachedDatasetTask):
 
     def __init__(self, config: ListOpsConfig, ctx: DataContext) -> None:
         check_config(config)
-        super().__init__(ctx.cache_dir, config.batch_size, config.num_workers)
+        super().__init__(ctx.cache_dir, config.batch_size, config.num_workers, bucket_by_length=config.bucket_by_length)
         self.config = config
 
     def cache_key(self) -> dict[str, Any]:
@@ -206,6 +212,8 @@ class ListOpsTask(CachedDatasetTask):
         }
 
     def build_splits(self) -> DatasetDict:
+        from datasets import DatasetDict
+
         c = self.config
         expressions, labels = generate(c, c.train_examples + c.val_examples + c.test_examples, c.seed)
         bounds = np.cumsum([0, c.train_examples, c.val_examples, c.test_examples])

@@ -16,16 +16,17 @@ import json
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-from datasets import Dataset, DatasetDict
 
 from plugformer import Capabilities, Component, DataContext, DataError, bounds
 from plugformer_plugins.data.seq2seq_batches import Seq2SeqTask
 from plugformer_plugins.data.text import PAD_ID, ByteTokenizer, CharTokenizer, file_digest
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from datasets import Dataset, DatasetDict
 
 
 class PairsFormat(str, Enum):
@@ -53,6 +54,8 @@ class PairsConfig:
     max_length: int = field(default=256, metadata=bounds(ge=1))
     batch_size: int = field(default=32, metadata=bounds(ge=1))
     num_workers: int = field(default=0, metadata=bounds(ge=0))
+    # Batches of examples of similar length (plugformer.batching): less padding per batch.
+    bucket_by_length: bool = False
 
 
 class PairTokenizer:
@@ -146,6 +149,9 @@ def read_pairs(path: Path, file_format: PairsFormat, source_key: str, target_key
 
 def encode_pairs(pairs: list[tuple[str, str]], tokenizer: PairTokenizer, max_length: int) -> Dataset:
     """``input_ids`` (sources) and ``labels`` (targets followed by the end token)."""
+    import pyarrow as pa
+    from datasets import Dataset  # imported when data is built: it takes a second
+
     sources = [np.asarray(tokenizer.encode(s)[:max_length], dtype=np.int32) for s, _ in pairs]
     targets = [np.asarray(tokenizer.encode(t)[:max_length] + [tokenizer.eos_id], dtype=np.int32) for _, t in pairs]
 
@@ -172,7 +178,7 @@ class PairsTask(Seq2SeqTask):
                     expected="paths of TSV or JSON-lines files of source/target pairs for training and validation",
                     fix="set data.train_file=<path> data.validation_file=<path>",
                 )
-        super().__init__(ctx.cache_dir, config.batch_size, config.num_workers)
+        super().__init__(ctx.cache_dir, config.batch_size, config.num_workers, bucket_by_length=config.bucket_by_length)
         self.config = config
         self.tokenizer: PairTokenizer | None = None
         self._pairs: dict[str, list[tuple[str, str]]] = {}
@@ -207,6 +213,8 @@ class PairsTask(Seq2SeqTask):
         }
 
     def build_splits(self) -> DatasetDict:
+        from datasets import DatasetDict
+
         assert self.tokenizer is not None
         tokenizer = self.tokenizer
         return DatasetDict({split: encode_pairs(pairs, tokenizer, self.config.max_length) for split, pairs in self._read().items()})
@@ -220,6 +228,8 @@ class PairsTask(Seq2SeqTask):
             self._pairs = {}
 
     def describe(self, splits: DatasetDict) -> None:
+        import pyarrow.compute as pc
+
         assert self.tokenizer is not None
         self.vocab_size = self.tokenizer.vocab_size
         lengths = [
