@@ -1,0 +1,165 @@
+"""Sparse Sinkhorn attention (Tay et al. 2020, "Sparse Sinkhorn Attention"): sorted block
+attention for bidirectional self-attention.
+
+The sequence is cut into blocks of ``block_size`` (the last one padded). A meta sorting
+network maps each block's summary (the mean of its real keys, per head) through a two-layer
+ReLU MLP to logits over the blocks, R ∈ ℝ^{N_B×N_B}; Sinkhorn normalisation in log space
+(``sinkhorn_iterations`` rounds of column then row normalisation of R/τ, Gumbel noise added
+in training if ``gumbel_noise``) relaxes it to a doubly stochastic P, rows last so that
+each row sums to 1. Query block i then attends, in one softmax, to the keys of its own block
+and to its sorted block: slot s of that block is the P_i·-weighted mixture of slot s of every
+block, over their real keys only,
+
+    k̃_i[s] = Σ_j P_ij m_j[s] k_j[s] / μ_i[s],  ṽ likewise,  μ_i[s] = Σ_j P_ij m_j[s],
+
+with log μ_i[s] added to its score (a slot that is mostly padding weighs little; one that is
+only padding is masked). With a hard permutation this is attention to the own block and
+block π(i). Padded keys contribute nothing; a query that sees no key returns zeros.
+
+Cost per head: scores n·2b, the sorting matrix (n/b)², the soft mixing of blocks
+(n/b)²·b·d time and n·d memory; memory is O(n·b + (n/b)²). The sorting network addresses at
+most ``max_blocks`` blocks, so the longest sequence is ``block_size · max_blocks``. A
+position's query/key transform (rotary) is applied to q and k before the blocks are formed,
+so sorted keys carry their own rotation. Not causal (the causal Sinkhorn balancing of the
+paper is not implemented), so no incremental decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from plugformer import Attention, AttentionState, BuildContext, Capabilities, Component, bounds
+
+
+@dataclass
+class SinkhornConfig:
+    """``block_size``: tokens per block; ``max_blocks``: blocks the sorting network
+    addresses (longest sequence block_size · max_blocks); ``sinkhorn_iterations`` and
+    ``temperature`` τ of the normalisation; ``gumbel_noise``: perturb the sorting logits
+    with Gumbel noise in training; ``sort_hidden``: hidden width of the sorting MLP (None:
+    head_dim)."""
+
+    block_size: int = field(default=16, metadata=bounds(ge=1))
+    max_blocks: int = field(default=256, metadata=bounds(ge=1))
+    sinkhorn_iterations: int = field(default=7, metadata=bounds(ge=1))
+    temperature: float = field(default=0.75, metadata=bounds(gt=0.0))
+    gumbel_noise: bool = False
+    sort_hidden: int | None = field(default=None, metadata=bounds(ge=1))
+    bias: bool = True
+
+
+def sinkhorn(log_p: Tensor, iterations: int) -> Tensor:
+    """Log-space Sinkhorn normalisation over the last two dimensions: each round normalises
+    columns, then rows; returns exp, whose rows sum to 1 and columns approach 1."""
+    for _ in range(iterations):
+        log_p = log_p - torch.logsumexp(log_p, dim=-2, keepdim=True)
+        log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
+    return log_p.exp()
+
+
+class SinkhornAttention(Attention):
+    """Sorted block attention over (batch, heads, length, head_dim); one sorting network
+    per head."""
+
+    def __init__(self, config: SinkhornConfig, ctx: BuildContext) -> None:
+        super().__init__(ctx, bias=config.bias)
+        self.block_size = config.block_size
+        self.max_blocks = config.max_blocks
+        self.iterations = config.sinkhorn_iterations
+        self.temperature = config.temperature
+        self.gumbel_noise = config.gumbel_noise
+        hidden = config.sort_hidden or self.head_dim
+        heads = self.n_heads
+        self.sort_w1 = nn.Parameter(torch.empty(heads, self.head_dim, hidden).uniform_(-1, 1) / self.head_dim**0.5)
+        self.sort_b1 = nn.Parameter(torch.zeros(heads, 1, hidden))
+        # No output bias: a bias per column is removed by the column normalisation.
+        self.sort_w2 = nn.Parameter(torch.empty(heads, hidden, config.max_blocks).uniform_(-1, 1) / hidden**0.5)
+
+    def sort_blocks(self, k_blocks: Tensor, real: Tensor) -> Tensor:
+        """The soft permutation P (batch, heads, N_B, N_B) from keys (batch, heads, N_B, b,
+        head_dim) and their mask (batch, 1, N_B, b); row i says which blocks block i attends to."""
+        n_blocks = k_blocks.shape[2]
+        weights = real.to(k_blocks.dtype)
+        summary = (k_blocks * weights[..., None]).sum(dim=-2) / weights.sum(dim=-1, keepdim=True).clamp_min(1.0)
+        hidden = torch.relu(torch.matmul(summary, self.sort_w1.to(summary.dtype)) + self.sort_b1.to(summary.dtype))
+        logits = torch.matmul(hidden, self.sort_w2[..., :n_blocks].to(summary.dtype))
+        if self.training and self.gumbel_noise:
+            uniform = torch.rand_like(logits).clamp(1e-9, 1.0 - 1e-9)
+            logits = logits - torch.log(-torch.log(uniform))
+        return sinkhorn(logits / self.temperature, self.iterations)
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_padding_mask: Tensor | None,
+        q_positions: Tensor,
+        k_positions: Tensor,
+        state: AttentionState | None = None,
+    ) -> Tensor:
+        batch, heads, length, head_dim = q.shape
+        out_dtype = v.dtype
+        if k.shape[-2] != length:
+            raise ValueError("sinkhorn attention is bidirectional self-attention: queries and keys must be the same tokens")
+        block = self.block_size
+        n_blocks = -(-length // block)
+        if n_blocks > self.max_blocks:
+            raise ValueError(
+                f"sinkhorn attention got {length} tokens, {n_blocks} blocks of {block}; its sorting network addresses "
+                f"max_blocks={self.max_blocks} (raise model.attention.max_blocks or block_size)"
+            )
+        tail = n_blocks * block - length
+        valid = torch.ones(batch, length, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask.bool()
+        valid = torch.cat([valid, valid.new_zeros(batch, tail)], dim=-1)
+        real = valid.view(batch, 1, n_blocks, block)
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        q, k, v = (F.pad(t.to(dtype), (0, 0, 0, tail)).unflatten(-2, (n_blocks, block)) for t in (q, k, v))
+        k = k * real[..., None].to(dtype)  # padded keys and values never enter a mixture
+        v = v * real[..., None].to(dtype)
+
+        permutation = self.sort_blocks(k, real)  # (b, h, nb, nb)
+        mass = torch.matmul(permutation, real.to(dtype))  # μ, (b, h, nb, block)
+        present = mass > 0  # some block has a real key in this slot
+        tiny = torch.finfo(dtype).tiny
+        inverse = torch.where(present, 1.0 / mass.clamp_min(tiny), torch.zeros_like(mass)).unsqueeze(-1)
+        sorted_k = torch.matmul(permutation, k.flatten(-2)).unflatten(-1, (block, head_dim)) * inverse
+        sorted_v = torch.matmul(permutation, v.flatten(-2)).unflatten(-1, (block, head_dim)) * inverse
+
+        q = q * self.scale
+        own = torch.matmul(q, k.transpose(-1, -2))  # (b, h, nb, block, block)
+        mixed = torch.matmul(q, sorted_k.transpose(-1, -2)) + torch.log(mass.clamp_min(tiny)).unsqueeze(-2)
+        scores = torch.cat([own, mixed], dim=-1)
+        allowed = torch.cat([real.expand(batch, heads, -1, -1), present], dim=-1).unsqueeze(-2)
+        # A finite fill: rows without a visible key get uniform weights, zeroed below.
+        scores = scores.masked_fill(~allowed, torch.finfo(dtype).min)
+        weights = torch.softmax(scores, dim=-1)
+        if self.training and self.dropout > 0:
+            weights = F.dropout(weights, p=self.dropout)
+        out = torch.matmul(weights[..., :block], v) + torch.matmul(weights[..., block:], sorted_v)
+        out = out.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
+        return out.flatten(2, 3)[:, :, :length].to(out_dtype)
+
+
+def capabilities(config: SinkhornConfig) -> Capabilities:
+    return Capabilities(
+        provides={"bidirectional", "key_padding_mask", "qk_transform"},
+        max_length=config.block_size * config.max_blocks,
+        cost="n·w",
+    )
+
+
+COMPONENT = Component(
+    kind="attention",
+    name="sinkhorn",
+    factory=SinkhornAttention,
+    config=SinkhornConfig,
+    summary="Sparse Sinkhorn attention: each block attends to itself and a block sorted to it by a Sinkhorn-normalised sorting network.",
+    reference="Tay et al. 2020, Sparse Sinkhorn Attention",
+    capabilities=capabilities,
+)
