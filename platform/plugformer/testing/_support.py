@@ -116,6 +116,30 @@ def tolerance(dtype: torch.dtype) -> float:
     return 1e-5 if dtype == torch.float64 else 1e-4
 
 
+#: Standard deviation of the noise added to every trainable parameter after initialization,
+#: before any behavioural check. Freshly initialized weights can hide a leak: a mixing
+#: matrix initialized to the identity (over heads, tokens or channels) mixes nothing until
+#: training moves it, so causality and padding checks would pass on step 0 and fail later.
+#: 0.02 is the scale of GPT-2 initialization: large enough that a leak through such a weight
+#: changes outputs far beyond the tolerances, small enough to keep every component in its
+#: working range.
+PERTURBATION = 0.02
+
+
+def perturb_parameters(module: nn.Module, std: float) -> None:
+    """Add N(0, std²) noise to every trainable floating-point parameter of ``module`` (each
+    once, shared ones included), from the global RNG (the caller seeds it). Frozen
+    parameters (``requires_grad=False``) and buffers are left alone: training never moves them."""
+    if std <= 0:
+        return
+    seen: set[int] = set()
+    with torch.no_grad():
+        for parameter in module.parameters():
+            if parameter.requires_grad and parameter.is_floating_point() and id(parameter) not in seen:
+                seen.add(id(parameter))
+                parameter.add_(torch.randn_like(parameter), alpha=std)
+
+
 class Subject:
     """One component under test in one setting: how to build it and how to report failures.
 
@@ -170,7 +194,9 @@ class Subject:
 
     def build(self, seed: int = 0, dtype: torch.dtype | None = None) -> nn.Module:
         """``factory(config, ctx)`` under ``seed``, given the last word over its parameters
-        through ``init_weights()`` as in a model, cast to ``dtype`` (default: the subject's)."""
+        through ``init_weights()`` as in a model, then perturbed (:func:`perturb_parameters`)
+        so that the checks see weights that have moved, and cast to ``dtype`` (default: the
+        subject's)."""
         dtype = dtype or self.dtype
         with self.check("build"), seeded(seed):
             module = self._factory(self.config, self.ctx)
@@ -180,6 +206,7 @@ class Subject:
                 init_weights = getattr(sub, "init_weights", None)
                 if callable(init_weights):
                     init_weights()
+            perturb_parameters(module, PERTURBATION)
             module = module.to(dtype)
             if self._prepare is not None:
                 self._prepare(module, dtype)
