@@ -33,6 +33,7 @@ from plugformer.errors import (
 )
 from plugformer.hookspecs import hookimpl
 from plugformer.masks import allowed_keys, no_key_fallback
+from plugformer.parameters import keep_initialization, set_weight_decay
 from plugformer.registry import KINDS, Component, Provider, Registry, RegistryView
 from plugformer.techniques import TechniqueContext
 
@@ -79,9 +80,11 @@ __all__ = [
     "compose",
     "evaluate",
     "hookimpl",
+    "keep_initialization",
     "load_run",
     "mark_residual_projection",
     "no_key_fallback",
     "repeat_kv",
+    "set_weight_decay",
     "train",
 ]

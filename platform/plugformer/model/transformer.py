@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from plugformer.attention import AttentionState
 from plugformer.blocks import Block, LayerState, StepInputs
 from plugformer.components import FeedForward, ModelInputs, Objective, ObjectiveOutput, PositionEncoding
+from plugformer.parameters import keeps_initialization
 
 
 @dataclass
@@ -229,10 +230,14 @@ class Transformer(nn.Module):
 
 def initialize(model: nn.Module, n_layers: int) -> None:
     """GPT-2 initialization: N(0, 0.02) for linear and embedding weights, zero biases, and
-    N(0, 0.02/√(2·n_layers)) for the last projection of each residual branch. A module with
-    an ``init_weights()`` method is then given the last word over its own parameters
-    (children after their parents)."""
-    for module in model.modules():
+    N(0, 0.02/√(2·n_layers)) for the last projection of each residual branch. Modules marked
+    with :func:`plugformer.keep_initialization` (and their submodules) are left as built. A
+    module with an ``init_weights()`` method is then given the last word over its own
+    parameters (children after their parents). See :mod:`plugformer.parameters`."""
+    kept = [name for name, module in model.named_modules() if keeps_initialization(module)]
+    for name, module in model.named_modules():
+        if any(k == "" or name == k or name.startswith(k + ".") for k in kept):
+            continue
         if isinstance(module, nn.Linear):
             std = 0.02 / math.sqrt(2 * n_layers) if getattr(module, "scale_init_by_depth", False) else 0.02
             nn.init.normal_(module.weight, mean=0.0, std=std)

@@ -8,17 +8,19 @@ import torch
 from torch import nn
 
 from plugformer.config import OptimConfig, Schedule
+from plugformer.parameters import decays
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (weights of linear layers and embeddings), not biases, norms or scalars."""
+    """Decay matrices (weights of linear layers and embeddings), not biases, norms or scalars,
+    unless a component chose otherwise with :func:`plugformer.set_weight_decay`."""
     decay, no_decay = [], []
     seen: set[int] = set()
     for parameter in model.parameters():
         if not parameter.requires_grad or id(parameter) in seen:
             continue
         seen.add(id(parameter))
-        (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+        (decay if decays(parameter) else no_decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
