@@ -31,7 +31,7 @@ OUTPUT_NAMES = ("comparison.csv", "comparison.md", "comparison.png")
 
 # Config keys that differ between any two runs without saying anything about them, or that
 # are derived from other keys (resolved_layers follows from model.n_layers and model.plan).
-IGNORED_KEYS = ("run_dir", "resume", "paths", "hydra", "resolved_layers")
+IGNORED_KEYS = ("run_dir", "resume", "paths", "hydra", "resolved_layers", "providers")
 # metrics.csv columns that index rows rather than being metrics.
 INDEX_COLUMNS = ("step", "epoch")
 SUMMARY_COLUMNS = ("params", "wall_time_s", "tokens_per_second")

@@ -18,6 +18,7 @@ from plugformer.errors import ConfigError
 from plugformer.model.plan import LayerSpec, ModelPlan, check_plan, resolve_plan, stack_sizes
 from plugformer.model.transformer import Stack, Transformer, initialize
 from plugformer.registry import CONFIG_GROUPS, Component, Registry
+from plugformer.provenance import check_providers_installed
 
 #: The model's component slots, chosen by the groups model/<slot>.
 MODEL_SLOTS = ("attention", "cross_attention", "position", "norm", "ffn", "block")
@@ -42,8 +43,11 @@ def _config_object(component: Component, node: DictConfig | dict[str, Any], path
 
 def choose_components(cfg: DictConfig, registry: Registry) -> dict[str, Chosen]:
     """The component and config object the config's groups select, by slot (the model's
-    slots, then objective and data; "cross_attention" only for an encoder–decoder)."""
+    slots, then objective and data; "cross_attention" only for an encoder–decoder). A saved
+    run's config (resume, eval, load_run) whose recorded providers are not all installed is
+    refused naming the missing distribution (:mod:`plugformer.provenance`)."""
     check_core_config(cfg)
+    check_providers_installed(cfg, registry)
     nodes = {slot: cfg.model.get(slot) for slot in MODEL_SLOTS}
     nodes["objective"] = cfg.get("objective")
     nodes["data"] = cfg.get("data")

@@ -22,6 +22,7 @@ from plugformer.config import optim_config
 from plugformer.errors import ConfigError, PluginError
 from plugformer.model.builder import choose_components, chosen_techniques
 from plugformer.plugins import Plugins, blame_component, call_hook
+from plugformer.provenance import PROVIDERS_KEY, component_providers
 from plugformer.resume import CheckpointInfo, check_matches_checkpoint, read_checkpoint
 from plugformer.training.callbacks import (
     LoggingStepAfterResume, MetricHistory, OnTrainStart, RunRecord, ThroughputMonitor, ValidateAtLastStep, final_metrics,
@@ -48,6 +49,7 @@ class RunState:
     started: float = field(default_factory=time.time)
     components: dict[str, str] = field(default_factory=dict)
     plan: dict[str, Any] = field(default_factory=dict)
+    providers: dict[str, Any] = field(default_factory=dict)  # kind → name → distribution, version, plugin
     params: int | None = None
     trainer: pl.Trainer | None = None
     module: TrainingModule | None = None
@@ -166,12 +168,19 @@ def _train(state: RunState, plugins: Plugins, ckpt_path: str | None, checkpoint:
     if ckpt_path is not None and checkpoint is None:
         checkpoint = read_checkpoint(Path(ckpt_path))
     registry = plugins.registry
-    chosen = choose_components(cfg, registry)
+    chosen = choose_components(cfg, registry)  # names the missing distribution of a saved run
     state.components = {kind: c.name for kind, c in chosen.items()}
+    state.providers = component_providers(c.component for c in chosen.values())
     built = build(cfg, plugins=plugins, run_dir=run_dir, chosen=chosen)
     state.plan = built.plan.describe()
+    state.providers = component_providers([
+        *(c.component for c in chosen.values()),
+        *(c.component for layer in built.plan.layers() for c in layer.slots().values()),
+        *(t.component for t in chosen_techniques(cfg, registry).values()),
+    ])
     with open_dict(cfg):
         cfg.resolved_layers = state.plan  # shown in config.yaml and the W&B config; never read back
+        cfg[PROVIDERS_KEY] = state.providers  # config.yaml and the W&B config; checked when read back
     if ckpt_path is None and rank_zero_only.rank == 0:
         _write_config(run_dir, cfg)
     if rank_zero_only.rank == 0:
@@ -261,6 +270,7 @@ def build_summary(state: RunState, plugins: Plugins, status: str, error: str | N
         "run_dir": str(state.run_dir),
         "components": state.components,
         "layers": state.plan,
+        "providers": state.providers,
         "metrics": metrics,
         "best": {name: value for name, value in best.items()},
         "params": state.params,
