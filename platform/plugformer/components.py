@@ -16,7 +16,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
@@ -229,8 +228,24 @@ class Objective(nn.Module):
         return int(batch["input_ids"].shape[0])
 
 
-class DataTask(pl.LightningDataModule):
-    """A Lightning data module that also tells the model what it needs to know.
+class _LightningDataModuleSlot:
+    """The base of :class:`DataTask` until Lightning is imported (see :func:`_as_lightning_data_module`)."""
+
+
+def _as_lightning_data_module() -> None:
+    """Make :class:`DataTask` (and with it every data task class) a subclass of Lightning's
+    ``LightningDataModule``. Done when the first data task is created, not when plugins are
+    loaded: importing Lightning costs seconds, and ``plugformer plugins``, ``--help`` or a
+    config error must not wait for it."""
+    if DataTask.__bases__ == (_LightningDataModuleSlot,):
+        import lightning.pytorch as pl
+
+        DataTask.__bases__ = (pl.LightningDataModule,)
+
+
+class DataTask(_LightningDataModuleSlot):
+    """A Lightning data module that also tells the model what it needs to know (it is a
+    ``lightning.pytorch.LightningDataModule`` from the moment the first task is created).
 
     Contract: :meth:`prepare` builds or loads the cached Hugging Face ``datasets`` splits and
     the tokenizer; after it, ``vocab_size`` and ``max_length`` (longest batch length) are set,
@@ -250,6 +265,10 @@ class DataTask(pl.LightningDataModule):
     def facts(self) -> dict[str, Any]:
         """Task facts for the objective (after :meth:`prepare`); none by default."""
         return {}
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> DataTask:
+        _as_lightning_data_module()
+        return super().__new__(cls)
 
     def prepare(self) -> None:
         raise NotImplementedError

@@ -2,7 +2,9 @@
 
 Hydra reads ``sys.argv``, so the overrides are put there for the duration of Hydra's main;
 the original arguments are restored before training, because Lightning re-runs the same
-command line to start the other DDP ranks.
+command line to start the other DDP ranks. Lightning, W&B and ``datasets`` are imported only
+once a run starts (after its first line is printed), so a config error reaches the user
+without waiting for them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from plugformer.overrides import check_composes, check_group_choices
 from plugformer.plugins import Plugins, load_plugins
 from plugformer.resume import check_run_directory, plan_run, write_run_id
 from plugformer.runlock import check_free, locked
-from plugformer.training.run import CONFIG_FILE, train
+from plugformer.sweep_root import with_sweep_root
 
 CONFIG_PACKAGE = "pkg://plugformer.conf"
 
@@ -34,12 +36,18 @@ def _output_dir() -> Path:
 
 def run_from_config(cfg: DictConfig, plugins: Plugins) -> dict[str, Any]:
     """Train one composed config in Hydra's output folder (``run_dir``)."""
-    from lightning.pytorch.utilities import rank_zero_only
-
     plan = plan_run(cfg, _output_dir())
     cfg, run_dir = plan.cfg, plan.run_dir
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
+    if process_rank() == 0:
+        action = "resuming" if plan.ckpt_path is not None else "training"
+        print(f"plugformer: {action} {cfg.get('experiment_name')} in {run_dir}", flush=True)
+    _quiet_library_noise()
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from plugformer.training.run import CONFIG_FILE, train
+
     # Only the process that writes the run directory locks it (DDP ranks share it by design).
     with locked(run_dir if rank_zero_only.rank == 0 else None):
         if rank_zero_only.rank == 0:
@@ -80,7 +88,6 @@ def launch_training(overrides: list[str]) -> int:
     ends only that job: its summary.json records the failure and the sweep goes on, so a
     study over components survives the combinations that are refused by design.
     """
-    _quiet_library_noise()
     plugins = load_plugins()
     store_core_configs()
     check_group_choices(overrides)  # a typo in experiment= or debug= must not train the default
@@ -102,7 +109,7 @@ def launch_training(overrides: list[str]) -> int:
             print(f"plugformer: {job} refused: {error.what}", file=sys.stderr)
             rejected.append(job)
 
-    sys.argv = [original_argv[0], *_with_shared_run_dir(_with_resume_dir(overrides))]
+    sys.argv = [original_argv[0], *_with_shared_run_dir(_with_resume_dir(with_sweep_root(overrides)))]
     try:
         with locked(_known_run_dir(overrides)):
             hydra_task()
@@ -116,15 +123,22 @@ def launch_training(overrides: list[str]) -> int:
 def _known_run_dir(overrides: list[str]) -> Path | None:
     """The run directory, when the command line names it literally (``resume=``, ``run_dir=``),
     for rank 0 of a single run: it is locked before Hydra writes anything into it."""
-    from lightning.pytorch.utilities import rank_zero_only
-
-    if rank_zero_only.rank != 0 or any(o in ("-m", "--multirun") or o.startswith("hydra.mode=") for o in overrides):
+    if process_rank() != 0 or any(o in ("-m", "--multirun") or o.startswith("hydra.mode=") for o in overrides):
         return None
     for key in ("resume=", "run_dir="):
         values = [o.split("=", 1)[1] for o in overrides if o.startswith(key)]
         if values and values[-1] not in ("", "null") and "${" not in values[-1]:
             return Path(values[-1]).expanduser().resolve()
     return None
+
+
+def process_rank() -> int:
+    """This process's rank as the launcher set it in the environment (0 when none did): the
+    same variables, in the same order, as Lightning's ``rank_zero_only`` reads at import."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if os.environ.get(key) is not None:
+            return int(os.environ[key])
+    return 0
 
 
 def _with_resume_dir(overrides: list[str]) -> list[str]:

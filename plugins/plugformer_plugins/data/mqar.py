@@ -28,13 +28,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from datasets import Dataset, DatasetDict
-
 from plugformer import Capabilities, Component, ConfigError, DataContext, bounds
 from plugformer.data import IGNORE_INDEX, CachedDatasetTask
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
 
 #: Bumped whenever the same config would generate different examples.
 CACHE_VERSION = 2
@@ -188,6 +189,8 @@ class MQARTask(CachedDatasetTask):
         }
 
     def build_splits(self) -> DatasetDict:
+        from datasets import Dataset, DatasetDict  # imported when data is built: it takes a second
+
         c = self.config
         return DatasetDict(
             train=Dataset.from_dict(generate(c, c.train_examples, c.seed)),

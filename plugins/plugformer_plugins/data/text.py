@@ -27,15 +27,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 from urllib.parse import urlparse
 
-import datasets.config
 import numpy as np
-from datasets import Dataset, DatasetDict, load_dataset
 from filelock import FileLock
-from huggingface_hub import constants as hub_constants
-from huggingface_hub.errors import HfHubHTTPError
 
 from plugformer import Capabilities, Component, ConfigError, DataContext, DataError, bounds
 from plugformer.data import CachedDatasetTask, parameters_key
@@ -52,6 +48,9 @@ from plugformer_plugins.data.tokenization import (  # noqa: F401 - tokenizers re
     pretrained_digest,
     tokenizer_from_json,
 )
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 #: The tokenizer's file in a run directory.
@@ -181,6 +180,9 @@ def _env_true(name: str) -> bool:
 def hub_is_offline() -> bool:
     """Offline when HF_DATASETS_OFFLINE / HF_HUB_OFFLINE say so (now or at import time), or
     when the Hub's host does not answer within a few seconds."""
+    import datasets.config  # datasets and huggingface_hub are imported when data is built
+    from huggingface_hub import constants as hub_constants
+
     if _env_true("HF_DATASETS_OFFLINE") or _env_true("HF_HUB_OFFLINE") or datasets.config.HF_HUB_OFFLINE:
         return True
     endpoint = urlparse(hub_constants.ENDPOINT)
@@ -197,6 +199,9 @@ def _offline_mode() -> Iterator[None]:
     """datasets and huggingface_hub read the offline variables once, at import; switch them
     for one call so a later setting (or an unreachable Hub) means "use the local cache"
     instead of minutes of retries."""
+    import datasets.config
+    from huggingface_hub import constants as hub_constants
+
     saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
     datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
     try:
@@ -207,6 +212,9 @@ def _offline_mode() -> Iterator[None]:
 
 def load_hub(config: TextConfig) -> DatasetDict:
     """The hub dataset's splits with a ``text`` column; a clear DataError when it cannot be had."""
+    from datasets import DatasetDict, load_dataset
+    from huggingface_hub.errors import HfHubHTTPError
+
     name = config.hub_name if config.hub_config is None else f"{config.hub_name} ({config.hub_config})"
     offline = hub_is_offline()
     try:
@@ -244,6 +252,8 @@ def load_hub(config: TextConfig) -> DatasetDict:
 
 def split_off_validation(train: Dataset, fraction: float) -> DatasetDict:
     """The last ``fraction`` of the lines (at least one) as validation; the rest as train."""
+    from datasets import DatasetDict
+
     count = len(train)
     held = max(1, int(round(count * fraction)))
     if held >= count:
@@ -257,6 +267,8 @@ def split_off_validation(train: Dataset, fraction: float) -> DatasetDict:
 
 def pack(ids: np.ndarray, block_size: int, split: str) -> Dataset:
     """Blocks of ``block_size + 1`` tokens overlapping by one: inputs and labels shifted by one."""
+    from datasets import Dataset
+
     count = (len(ids) - 1) // block_size
     if count < 1:
         raise DataError(
@@ -346,6 +358,8 @@ class TextTask(CachedDatasetTask):
     # Building -------------------------------------------------------------------------------
     def raw_text(self) -> DatasetDict:
         """"train" and "validation" splits with a ``text`` column (lines, line breaks kept)."""
+        from datasets import load_dataset
+
         if self._raw is None:
             c = self.config
             if c.hub_name:
@@ -420,6 +434,8 @@ class TextTask(CachedDatasetTask):
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
     def build_splits(self) -> DatasetDict:
+        from datasets import DatasetDict
+
         return DatasetDict({s: pack(self.encode_split(s), self.config.block_size, s) for s in ("train", "validation")})
 
     def prepare(self) -> None:

@@ -6,7 +6,6 @@ from omegaconf import OmegaConf
 
 from plugformer import RegistryView, hookimpl
 from plugformer_plugins.ffn import glu, mlp, moe
-from plugformer_plugins.ffn.moe_metrics import ExpertMetrics
 
 
 @hookimpl
@@ -23,7 +22,11 @@ def lightning_callbacks(cfg: Any) -> list[Any] | None:
     model = cfg.get("model") if hasattr(cfg, "get") else None
     if OmegaConf.is_config(model):
         model = OmegaConf.to_container(model)
-    return [ExpertMetrics()] if _names_moe(model) else None
+    if not _names_moe(model):
+        return None
+    from plugformer_plugins.ffn.moe_metrics import ExpertMetrics  # imports Lightning
+
+    return [ExpertMetrics()]
 
 
 def _names_moe(node: Any) -> bool:

@@ -17,4 +17,8 @@ def lightning_callbacks(cfg: Any) -> list[Any] | None:
     """The decoding metrics of seq2seq and span_corruption (they need the whole model, so they
     are a callback; each objective's generation_metric and bleu options switch them on)."""
     name = (cfg.get("objective") or {}).get("name")
-    return [seq2seq.GenerationMetric()] if name in ("seq2seq", "span_corruption") else None
+    if name not in ("seq2seq", "span_corruption"):
+        return None
+    from plugformer_plugins.objective.generation_metric import GenerationMetric  # imports Lightning
+
+    return [GenerationMetric()]
