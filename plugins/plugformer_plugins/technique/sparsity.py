@@ -89,6 +89,11 @@ def overall_sparsity(linears: dict[str, nn.Linear]) -> float:
 def with_masks_applied(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose pruned weights are plain parameters with the zeros in them
     (``prune.remove``): no ``weight_orig``/``weight_mask``, loadable without the technique."""
+    for module in model.modules():  # the effective weights are non-leaf tensors deepcopy refuses
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                name = hook._tensor_name
+                setattr(module, name, (getattr(module, f"{name}_orig") * getattr(module, f"{name}_mask")).detach())
     copied = copy.deepcopy(model)
     for module in copied.modules():
         if isinstance(module, nn.Module) and prune.is_pruned(module):
