@@ -14,6 +14,7 @@ from plugformer.attention import AttentionState
 from plugformer.blocks import Block, LayerState, StepInputs
 from plugformer.components import FeedForward, ModelInputs, Objective, ObjectiveOutput, PositionEncoding
 from plugformer.parameters import keeps_initialization
+from plugformer.reversible import ReversibleBlock, run_reversible
 
 
 @dataclass
@@ -73,6 +74,10 @@ class ModelState:
 class Stack(nn.Module):
     """Position embedding → blocks → final norm, over embedded tokens.
 
+    Consecutive :class:`plugformer.ReversibleBlock` s run as one reversible sequence
+    (:func:`plugformer.run_reversible`): the stream enters it duplicated and leaves it averaged,
+    and its activations are recomputed in the backward pass.
+
     ``name`` is "encoder" or "decoder"; ``position`` is the stack's position component (its
     input embedding, if any, is added here; attentions hold per-layer views of it).
     """
@@ -106,8 +111,11 @@ class Stack(nn.Module):
         x = self.drop(x)
         inputs = StepInputs(mask=mask, positions=positions, context=context, context_mask=context_mask, extras=extras or {})
         layer_states = state.layers if state is not None else [None] * len(self.blocks)
-        for block, layer_state in zip(self.blocks, layer_states):
-            x = block(x, inputs, layer_state)
+        for blocks, states in _runs(list(self.blocks), list(layer_states)):
+            if isinstance(blocks[0], ReversibleBlock):
+                x = run_reversible(blocks, x, inputs, states)
+            else:
+                x = blocks[0](x, inputs, states[0])
         return self.final_norm(x)
 
     @staticmethod
@@ -126,6 +134,20 @@ class Stack(nn.Module):
         layers = [block.new_state(batch_size, streaming=streaming) for block in self.blocks]
         next_position = None if streaming else torch.zeros(batch_size, dtype=torch.long, device=device)
         return StackState(layers=layers, next_position=next_position)
+
+
+def _runs(blocks: list[Block], states: list[LayerState | None]) -> list[tuple[list, list]]:
+    """The blocks in order, grouped: each run of consecutive reversible blocks together (one
+    reversible sequence, recomputed in the backward pass), every other block alone."""
+    runs: list[tuple[list, list]] = []
+    for block, state in zip(blocks, states):
+        reversible = isinstance(block, ReversibleBlock)
+        if reversible and runs and isinstance(runs[-1][0][-1], ReversibleBlock):
+            runs[-1][0].append(block)
+            runs[-1][1].append(state)
+        else:
+            runs.append(([block], [state]))
+    return runs
 
 
 class Transformer(nn.Module):
