@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from plugformer import Attention, AttentionState, BuildContext, Capabilities, Component, bounds
 
@@ -90,6 +91,10 @@ class SinkhornAttention(Attention):
         if self.training and self.gumbel_noise:
             uniform = torch.rand_like(logits).clamp(1e-9, 1.0 - 1e-9)
             logits = logits - torch.log(-torch.log(uniform))
+        if torch.is_grad_enabled():
+            # Recomputed in backward: the rounds' (N_B × N_B) intermediates are never all held
+            # beside the attention's activations, which keeps peak memory near linear.
+            return checkpoint(sinkhorn, logits / self.temperature, self.iterations, use_reentrant=False)
         return sinkhorn(logits / self.temperature, self.iterations)
 
     def attend(
