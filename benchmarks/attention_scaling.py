@@ -1,10 +1,11 @@
-"""How time and memory of full, local and linear attention grow with the sequence length.
+"""How time and memory of every registered attention grow with the sequence length.
 
 Measures one forward+backward pass of a single attention layer, built through the registered
-components with their default configs (d_model=256, 4 heads, batch 1, causal), on CPU and,
-when available, on CUDA. Variants: ``full``, ``local`` and ``linear`` without a padding
-mask, and ``full+mask``: full attention given a key padding mask (one padded token), which
-is what a padded training batch sees. Every (device, variant, length) runs in a fresh
+components with their default configs (d_model=256, 4 heads, batch 1), bidirectional as in
+the Long Range Arena (``--causal`` for decoders; a variant that lacks the mode is skipped),
+on CPU and, when available, on CUDA. Variants: every registered attention (``plugformer
+plugins``), and ``full+mask``: full attention given a key padding mask (one padded token),
+which is what a padded batch sees. Every (device, variant, length) runs in a fresh
 subprocess, so one measurement cannot inherit another's allocator state.
 
 - time: median of ``--repeats`` forward+backward passes after one warm-up pass;
@@ -16,10 +17,12 @@ subprocess, so one measurement cannot inherit another's allocator state.
 - memory, CUDA: torch.cuda.max_memory_allocated() minus memory_allocated() before the pass.
 
 Writes the section "Attention scaling" of BENCHMARKS.md (between HTML comment markers, other
-sections are kept) and a log-log plot. Usage:
+sections are kept): time and memory per length, and at 4K each variant's speed-up over full
+attention beside LRA's Table 2 and its memory growth from 4K to 8K (≤ 2.1 is linear), with a
+log-log plot. Usage:
 
-    .venv/bin/python benchmarks/attention_scaling.py [--lengths 512 1024 ...] [--repeats 5]
-        [--threads N] [--variants full local ...] [--out BENCHMARKS.md] [--plot PNG]
+    .venv/bin/python benchmarks/attention_scaling.py [--lengths 1024 2048 ...] [--repeats 5]
+        [--threads N] [--variants full local ...] [--causal] [--out BENCHMARKS.md] [--plot PNG]
 """
 
 from __future__ import annotations
@@ -37,8 +40,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("full", "local", "linear", "full+mask")
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _report import write_section  # noqa: E402
 D_MODEL, HEADS, BATCH = 256, 4, 1
+#: LRA (Tay et al. 2021), Table 2: steps per second relative to the vanilla Transformer at 4K.
+LRA_SPEEDUP_4K = {"local": 5.3, "linformer": 5.5, "linear": 5.6, "performer": 5.7, "reformer": 0.8, "bigbird": 1.1}
+#: memory(8K) / memory(4K) at or below this counts as linear growth.
+LINEAR_GROWTH = 2.1
 START, END = "<!-- attention-scaling:start -->", "<!-- attention-scaling:end -->"
 
 
@@ -52,7 +60,20 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure(variant: str, length: int, device: str, repeats: int, threads: int | None) -> dict:
+def registered_attentions() -> list[str]:
+    from plugformer.plugins import load_plugins
+
+    return list(load_plugins().registry.names("attention"))
+
+
+def supports(variant: str, causal: bool) -> bool:
+    from plugformer.plugins import load_plugins
+
+    component = load_plugins().registry.get("attention", variant.removesuffix("+mask"))
+    return ("causal" if causal else "bidirectional") in component.capabilities_for().provides
+
+
+def measure(variant: str, length: int, device: str, repeats: int, threads: int | None, causal: bool) -> dict:
     import torch
 
     if threads:
@@ -64,7 +85,7 @@ def measure(variant: str, length: int, device: str, repeats: int, threads: int |
     name, masked = variant.removesuffix("+mask"), variant.endswith("+mask")
     component = load_plugins().registry.get("attention", name)
     ctx = BuildContext(
-        d_model=D_MODEL, n_heads=HEADS, n_layers=1, dropout=0.0, causal=True, max_length=length, vocab_size=1
+        d_model=D_MODEL, n_heads=HEADS, n_layers=1, dropout=0.0, causal=causal, max_length=length, vocab_size=1
     )
     attention = component.factory(component.config(), ctx).to(device)
     x = torch.randn(BATCH, length, D_MODEL, device=device, requires_grad=True)
@@ -103,14 +124,14 @@ def measure(variant: str, length: int, device: str, repeats: int, threads: int |
 # --- driver --------------------------------------------------------------------------------
 
 
-def run_worker(variant: str, length: int, device: str, repeats: int, threads: int | None) -> dict | None:
+def run_worker(variant: str, length: int, device: str, repeats: int, threads: int | None, causal: bool) -> dict | None:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    spec = {"variant": variant, "length": length, "device": device, "repeats": repeats, "threads": threads}
+    spec = {"variant": variant, "length": length, "device": device, "repeats": repeats, "threads": threads, "causal": causal}
     done = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env, cwd=REPO
     )
     if done.returncode != 0:
-        print(f"  {device} {variant} {length}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+        print(f"  {device} {variant} {length}: failed\n{done.stderr[-1500:]}", file=sys.stderr)
         return None
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -165,152 +186,182 @@ def comparison(results: dict, variant: str, baseline: str, lengths: list[int]) -
     return f"{variant} {parts[0]} and {parts[1]}"
 
 
+def growth(results: dict, variant: str, lengths: list[int]) -> float | None:
+    """memory(longest) / memory(the length before), or None when either is missing."""
+    if len(lengths) < 2:
+        return None
+    a, b = results.get((variant, lengths[-1])), results.get((variant, lengths[-2]))
+    return a["memory_mib"] / b["memory_mib"] if a and b and b["memory_mib"] > 0 else None
+
+
 def findings(results: dict, lengths: list[int], variants: list[str], device: str) -> str:
-    """Where local and linear overtake full in time and memory, and how their memory grows."""
+    """Where each variant overtakes full attention, and which variants' memory grows linearly."""
     sentences = []
     for baseline in ("full", "full+mask"):
         if baseline in variants:
-            mine = [comparison(results, v, baseline, lengths) for v in ("local", "linear") if v in variants]
+            mine = [comparison(results, v, baseline, lengths) for v in variants if v not in ("full", "full+mask")]
             if mine:
                 sentences.append("; ".join(mine) + ".")
     if len(lengths) >= 2:
-        last, before = lengths[-1], lengths[-2]
-        factor = last / before
-        ratios = []
-        for variant in variants:
-            a, b = results.get((variant, last)), results.get((variant, before))
-            if a and b and b["memory_mib"] > 0:
-                ratios.append(f"{variant} {a['memory_mib'] / b['memory_mib']:.2f}")
+        factor = lengths[-1] / lengths[-2]
+        linear = [v for v in variants if (g := growth(results, v, lengths)) is not None and g <= LINEAR_GROWTH * factor / 2]
+        other = [f"{v} ({g:.2f})" for v in variants if (g := growth(results, v, lengths)) is not None and v not in linear]
         sentences.append(
-            f"Memory growth, memory({last}) / memory({before}): {', '.join(ratios)} (for {factor:g}× the "
-            f"length, {factor:g} is linear growth and {factor ** 2:g} quadratic)."
+            f"Memory grows linearly from {lengths[-2]} to {lengths[-1]} (ratio ≤ {LINEAR_GROWTH * factor / 2:g}) for "
+            f"{', '.join(linear) or 'none'}; faster for {', '.join(other) or 'none'}."
         )
     return f"On {device}: " + " ".join(sentences)
 
 
-def table(results: dict, lengths: list[int], variants: list[str]) -> list[str]:
-    def cell(variant: str, length: int, metric: str) -> str:
-        value = results.get((variant, length))
-        return f"{value[metric]:.1f}" if value else "failed"
-
-    header = ["length"] + [f"{v} ms" for v in variants] + [f"{v} MiB" for v in variants]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
-    for length in lengths:
-        row = [str(length)] + [cell(v, length, "time_ms") for v in variants]
-        row += [cell(v, length, "memory_mib") for v in variants]
-        lines.append("| " + " | ".join(row) + " |")
+def table(results: dict, lengths: list[int], variants: list[str], metric: str) -> list[str]:
+    """Variants as rows, lengths as columns, one metric."""
+    lines = ["| variant | " + " | ".join(str(n) for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
+    for variant in variants:
+        cells = []
+        for length in lengths:
+            value = results.get((variant, length))
+            cells.append(f"{value[metric]:.1f}" if value else "failed")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return lines
 
 
-def plot(all_results: dict, lengths: list[int], variants: list[str], path: Path) -> None:
+def summary(results: dict, lengths: list[int], variants: list[str], costs: dict[str, str]) -> list[str]:
+    """At the reference length (4096, or the longest below it): speed-up over full beside LRA's
+    Table 2, memory relative to full, and memory growth to the longest length."""
+    at = max((n for n in lengths if n <= 4096), default=lengths[-1])
+    full = results.get(("full", at))
+    lines = [
+        f"| variant | cost class | speed-up over full at {at} | LRA Table 2 (4K) | memory / full at {at} | "
+        f"memory {lengths[-1]} / {lengths[-2] if len(lengths) > 1 else lengths[-1]} |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for variant in variants:
+        mine = results.get((variant, at))
+        speed = f"{full['time_ms'] / mine['time_ms']:.2f}×" if mine and full else "—"
+        memory = f"{mine['memory_mib'] / full['memory_mib']:.2f}" if mine and full and full["memory_mib"] > 0 else "—"
+        lra = f"{LRA_SPEEDUP_4K[variant]}×" if variant in LRA_SPEEDUP_4K else "—"
+        g = growth(results, variant, lengths)
+        lines.append(f"| {variant} | {costs.get(variant, '')} | {speed} | {lra} | {memory} | {f'{g:.2f}' if g else '—'} |")
+    return lines
+
+
+def plot(all_results: dict, lengths: list[int], variants: list[str], path: Path, mode: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(13, 5))
+    colors = plt.get_cmap("tab20")
     for device, results in all_results.items():
         style = "-" if device == "cpu" else "--"
-        for variant in variants:
+        for index, variant in enumerate(variants):
             points = [(n, results[(variant, n)]) for n in lengths if results.get((variant, n))]
             if not points:
                 continue
             ns = [n for n, _ in points]
-            label = f"{variant} ({device})"
-            time_ax.plot(ns, [r["time_ms"] for _, r in points], style, marker="o", label=label)
-            memory_ax.plot(ns, [r["memory_mib"] for _, r in points], style, marker="o", label=label)
+            label = variant if len(all_results) == 1 else f"{variant} ({device})"
+            kwargs = {"marker": "o", "markersize": 3, "color": colors(index % 20), "label": label}
+            time_ax.plot(ns, [r["time_ms"] for _, r in points], style, **kwargs)
+            memory_ax.plot(ns, [r["memory_mib"] for _, r in points], style, **kwargs)
     for ax, label in ((time_ax, "forward+backward time (ms)"), (memory_ax, "peak memory of the pass (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"One causal attention layer, d_model={D_MODEL}, {HEADS} heads, batch {BATCH}")
-    fig.tight_layout()
+    handles, labels = time_ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(8, len(labels)), frameon=False)
+    fig.suptitle(f"One {mode} attention layer, d_model={D_MODEL}, {HEADS} heads, batch {BATCH}")
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def section(all_results: dict, args: argparse.Namespace, info: dict, out: Path, png: Path) -> str:
-    lengths, variants = sorted(args.lengths), list(args.variants)
+def section(all_results: dict, args: argparse.Namespace, info: dict, out: Path, png: Path, variants: list[str], skipped: list[str]) -> str:
+    from plugformer.plugins import load_plugins
+
+    registry = load_plugins().registry
+    costs = {v: registry.get("attention", v.removesuffix("+mask")).capabilities_for().cost or "" for v in variants}
+    lengths, mode = sorted(args.lengths), "causal" if args.causal else "bidirectional"
     command = (
         f"`.venv/bin/python benchmarks/attention_scaling.py --lengths {' '.join(map(str, lengths))} "
-        f"--repeats {args.repeats} --threads {info['threads']} --variants {' '.join(variants)}`"
+        f"--repeats {args.repeats} --threads {info['threads']}{' --causal' if args.causal else ''}"
+        + (f" --variants {' '.join(args.variants)}" if args.variants else "") + "`"
     )
     lines = [
         START,
         "## Attention scaling",
         "",
-        f"One forward+backward pass of a single attention layer (d_model={D_MODEL}, {HEADS} heads of "
-        f"{D_MODEL // HEADS}, batch {BATCH}, causal), built through the registered components with default "
-        "configs: full is `scaled_dot_product_attention` with `is_causal` (fused kernel, no n×n matrix); "
-        "full+mask is the same component given a key padding mask with one padded token, as in a padded "
-        "batch, so it builds an explicit n×n mask; local has window=64, dilation=1; linear has "
-        f"chunk_size=64. Time: median of {args.repeats} passes after one warm-up. Memory on CPU: how far "
-        "one pass raises the process's peak resident memory (VmHWM, reset through /proc/self/clear_refs) "
-        "above its resident memory just before the pass, each measurement in a fresh process with "
-        "glibc's mmap threshold at 64 KiB so that freed tensors are returned to the system; it counts "
-        "activations, saved tensors, temporaries and gradients, not parameters or the input. Memory on "
-        "CUDA: `torch.cuda.max_memory_allocated()` minus the memory allocated before the pass.",
+        f"One forward+backward pass of a single {mode} attention layer (d_model={D_MODEL}, {HEADS} heads of "
+        f"{D_MODEL // HEADS}, batch {BATCH}), every registered attention built with its default config "
+        "(`plugformer plugins` lists them; docs/attention.md has each one's settings). full is "
+        "`scaled_dot_product_attention` (a fused kernel that never forms the n×n matrix); full+mask is the "
+        "same component given a key padding mask with one padded token, as in a padded batch, which takes "
+        f"the explicit-mask path. Time: median of {args.repeats} passes after one warm-up. Memory on CPU: how "
+        "far one pass raises the process's peak resident memory (VmHWM, reset through /proc/self/clear_refs) "
+        "above its resident memory just before the pass, each measurement in a fresh process with glibc's "
+        "mmap threshold at 64 KiB so that freed tensors are returned to the system; it counts activations, "
+        "saved tensors, temporaries and gradients, not parameters or the input. Memory on CUDA: "
+        "`torch.cuda.max_memory_allocated()` minus the memory allocated before the pass.",
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} with {info['threads']} "
         f"thread(s), Python {info['python']}" + (f", GPU {info['gpu']}" if "gpu" in info else "")
-        + f"; 1-minute load average {info['load']:.1f} at the end (other work shared the machine, so "
-        f"times are noisy); measured {datetime.date.today().isoformat()}. Reproduce with {command}.",
+        + f"; 1-minute load average {info['load']:.1f} at the end; measured "
+        f"{datetime.date.today().isoformat()}. Reproduce with {command}."
+        + (f" Not measured ({mode} mode not provided): {', '.join(skipped)}." if skipped else ""),
         "",
     ]
     for device, results in all_results.items():
-        lines += [f"### {device}", "", *table(results, lengths, variants), ""]
+        lines += [f"### {device}", "", *summary(results, lengths, variants, costs), ""]
+        lines += ["Time (ms):", "", *table(results, lengths, variants, "time_ms"), ""]
+        lines += ["Memory (MiB):", "", *table(results, lengths, variants, "memory_mib"), ""]
         lines += [findings(results, lengths, variants, device), ""]
     lines += [f"![attention scaling]({os.path.relpath(png, out.parent)})", "", END]
     return "\n".join(lines)
 
 
-def write_section(out: Path, text: str) -> None:
-    """Replace the section between the markers, or append it; other sections stay as they are."""
-    current = out.read_text() if out.exists() else "# Benchmarks\n"
-    if START in current and END in current:
-        head, rest = current.split(START, 1)
-        updated = head + text + rest.split(END, 1)[1]
-    else:
-        updated = current.rstrip("\n") + "\n\n" + text + "\n"
-    out.write_text(updated)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", help="attention names, or full+mask (default: all registered, and full+mask)")
+    parser.add_argument("--causal", action="store_true", help="causal layers (default: bidirectional, as in LRA)")
     parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     parser.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "attention_scaling.png")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         spec = json.loads(args.worker)
-        print(json.dumps(measure(spec["variant"], spec["length"], spec["device"], spec["repeats"], spec["threads"])))
+        print(json.dumps(measure(spec["variant"], spec["length"], spec["device"], spec["repeats"], spec["threads"], spec["causal"])))
         return
 
     import torch
 
     lengths = sorted(args.lengths)
+    wanted = args.variants or [*registered_attentions(), "full+mask"]
+    unknown = [v for v in wanted if v.removesuffix("+mask") not in registered_attentions()]
+    if unknown:
+        parser.error(f"unknown attention(s) {unknown}; registered: {registered_attentions()}")
+    variants = [v for v in wanted if supports(v, args.causal)]
+    skipped = [v for v in wanted if v not in variants]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     all_results: dict[str, dict] = {}
     for device in devices:
         results = all_results.setdefault(device, {})
         for length in lengths:
-            for variant in args.variants:
-                results[(variant, length)] = value = run_worker(variant, length, device, args.repeats, args.threads)
+            for variant in variants:
+                results[(variant, length)] = value = run_worker(variant, length, device, args.repeats, args.threads, args.causal)
                 if value:
-                    print(f"{device} {variant:>9} {length:>6}: {value['time_ms']:9.1f} ms {value['memory_mib']:9.1f} MiB")
+                    print(f"{device} {variant:>12} {length:>6}: {value['time_ms']:9.1f} ms {value['memory_mib']:9.1f} MiB", flush=True)
     out, png = args.out.resolve(), args.plot.resolve()
-    plot(all_results, lengths, list(args.variants), png)
-    write_section(out, section(all_results, args, machine(args.threads), out, png))
+    mode = "causal" if args.causal else "bidirectional"
+    plot(all_results, lengths, variants, png, mode)
+    write_section(out, section(all_results, args, machine(args.threads), out, png, variants, skipped), START, END)
     for device, results in all_results.items():
-        print(findings(results, lengths, list(args.variants), device))
+        print(findings(results, lengths, variants, device))
     print(f"wrote {out} and {png}")
 
 
