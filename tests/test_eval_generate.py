@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "callbacks.progress_bar=none", "trainer.max_steps=20", "trainer.val_check_interval=20"]
 MQAR = ["experiment=plain", "data.vocab_size=32", "data.seq_len=16", "data.num_pairs=3", "data.train_examples=400", "data.val_examples=64", "data.batch_size=32"]
 RUNS = {
-    "learned": [*MQAR, "model/position=learned", "logger=none"],
+    "learned": [*MQAR, "model/position=learned", "model.position.max_length=24", "logger=none"],
     "alibi": [*MQAR, "model/position=alibi", "logger=wandb"],
     "rope": [*MQAR, "model/position=rope", "logger=none"],
     "seq2seq": ["experiment=reverse_small", "data.train_examples=300", "data.val_examples=32", "data.test_examples=0", "logger=none"],
@@ -69,10 +69,14 @@ def test_eval_at_twice_the_training_length(runs: dict[str, Path], name: str) -> 
 
 def test_learned_positions_refuse_untrained_lengths_unless_allowed(runs: dict[str, Path]) -> None:
     with pytest.raises(CapabilityError, match="never trained") as error:
-        plugformer.evaluate(runs["learned"], ["data.seq_len=32"], track=False)
+        plugformer.evaluate(runs["learned"], ["data.seq_len=24"], track=False)
     assert "--allow-untrained-positions" in str(error.value.message())
-    entry = plugformer.evaluate(runs["learned"], ["data.seq_len=32"], allow_untrained_positions=True, track=False)
-    assert entry["max_length"] == 32
+    entry = plugformer.evaluate(runs["learned"], ["data.seq_len=24"], allow_untrained_positions=True, track=False)
+    assert entry["max_length"] == 24
+    # The table has model.position.max_length=24 rows: beyond them nothing can be scored.
+    with pytest.raises(CapabilityError, match="at most 24 positions") as error:
+        plugformer.evaluate(runs["learned"], ["data.seq_len=32"], allow_untrained_positions=True, track=False)
+    assert "train with a larger model.position.max_length" in error.value.message()
 
 
 def test_eval_takes_data_overrides_only(runs: dict[str, Path]) -> None:

@@ -88,9 +88,36 @@ def build(cfg: DictConfig, *, plugins: Plugins | None = None, run_dir: str | Pat
     data_choice = chosen["data"]
     data = data_choice.component.factory(data_choice.config, DataContext(cache_dir=Path(cfg.paths.cache_dir), seed=cfg.seed, run_dir=Path(run_dir) if run_dir else None))
     data.prepare()
+    chosen = _sized_to_data(cfg, chosen, int(data.max_length))
     model = build_model(cfg, chosen, data, plan)
+    model.max_positions = _max_positions(chosen, plan)
     call_hook(hooks, "model_built", expect=object, model=model, cfg=cfg)
     return Built(cfg=cfg, chosen=chosen, plan=plan, data=data, model=model, techniques=techniques, context=context, hooks=hooks)
+
+
+def _sized_to_data(cfg: DictConfig, chosen: dict[str, Chosen], length: int) -> dict[str, Chosen]:
+    """The position component's ``max_length: null`` (learned positions: rows of the table)
+    means the data's longest sequence: set it, in the chosen config object and in ``cfg``, so
+    the run's config.yaml records the size the model was built with (a resume, ``eval`` and
+    ``generate`` rebuild exactly that table, and refuse longer sequences by its capability)."""
+    from dataclasses import fields, replace
+
+    position = chosen["position"]
+    names = {f.name for f in fields(position.config)} if hasattr(position.config, "__dataclass_fields__") else set()
+    if "max_length" not in names or position.config.max_length is not None:
+        return chosen
+    with open_dict(cfg):
+        cfg.model.position.max_length = length
+    return {**chosen, "position": replace(position, config=replace(position.config, max_length=length))}
+
+
+def _max_positions(chosen: dict[str, Chosen], plan: ModelPlan) -> int | None:
+    """The longest sequence every component of the model handles (their ``max_length``
+    capabilities), or None when none has a limit; generation refuses to go beyond it."""
+    components = [chosen["position"], *(c for layer in plan.layers() for c in layer.slots().values())]
+    limits = [c.component.capabilities_for(c.config).max_length for c in components]
+    known = [limit for limit in limits if limit is not None]
+    return min(known) if known else None
 
 
 def train(cfg: DictConfig | Sequence[str], *, run_dir: str | Path | None = None) -> dict[str, Any]:

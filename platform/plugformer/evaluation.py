@@ -143,8 +143,6 @@ def _check_lengths(run: Any, cfg: DictConfig, length: int, allow_untrained_posit
     registry = _session_plugins().registry
     chosen = choose_components(cfg, registry)
     plan = check_components(cfg, chosen, registry)
-    for layer in plan.layers():
-        check_length({**layer.slots(), "position": chosen["position"]}, length)
     trained = int(run.data.max_length)
     position = chosen["position"]
     if length > trained and "length_extrapolation" not in position.provides() and not allow_untrained_positions:
@@ -155,6 +153,17 @@ def _check_lengths(run: Any, cfg: DictConfig, length: int, allow_untrained_posit
             "(alibi, rope, sinusoidal, t5, shaw, none)",
             fix=f"evaluate at data lengths <= {trained}, or pass --allow-untrained-positions to score them anyway",
         )
+    for layer in plan.layers():
+        try:
+            check_length({**layer.slots(), "position": chosen["position"]}, length)
+        except CapabilityError as error:  # the model was built with this limit: only the data can change
+            raise CapabilityError(
+                f"{error.what} The run's model was built with that limit (a learned position table has as many "
+                "rows as the training data's longest sequence, unless model.position.max_length was set).",
+                expected="evaluation lengths within the model's limit",
+                fix="evaluate at shorter data lengths; to score longer ones, train with a larger "
+                "model.position.max_length or a position encoding without a maximum (rope, alibi)",
+            ) from None
 
 
 def record_evaluation(run_dir: Path, entry: dict[str, Any]) -> int:

@@ -140,6 +140,30 @@ def resolve_cache(model: Transformer, use_cache: bool | None) -> bool:
     return use_cache
 
 
+def check_positions(model: Transformer, prompt_length: int, max_new_tokens: int) -> None:
+    """Refuse a generation that needs positions beyond the model's limit (``max_positions``:
+    a learned position table sized to the training data, an attention with a maximum length)
+    before decoding starts, instead of an index error part-way."""
+    limit = getattr(model, "max_positions", None)
+    if limit is None:
+        return
+    if model.architecture == "encoder_decoder":  # the source in the encoder; start + new tokens in the decoder
+        needed, room = max(prompt_length, max_new_tokens), limit if prompt_length <= limit else 0
+    else:  # the prompt, then every new token but the last is fed back
+        needed, room = prompt_length + max_new_tokens - 1, limit - prompt_length + 1
+    if needed <= limit:
+        return
+    raise ConfigError(
+        f"Generating {max_new_tokens} tokens from a prompt of {prompt_length} needs {needed} positions, but this "
+        f"model handles at most {limit} (a learned position table is sized to the training data's length, "
+        "unless model.position.max_length was set when training).",
+        expected=f"prompt and new tokens within {limit} positions",
+        fix=(f"--max-new-tokens {room}" if room >= 1 else "a shorter prompt")
+        + "; to generate longer, train with model.position.max_length=<length> or a position encoding without "
+        "a maximum (rope, alibi, sinusoidal)",
+    )
+
+
 def filter_logits(logits: Tensor, config: DecodingConfig) -> Tensor:
     """Logits (rows, vocab) with temperature applied and tokens outside top-k, the top-p
     nucleus or the min-p floor set to -inf (at least the most likely token always stays)."""
@@ -194,6 +218,7 @@ def generate(
             expected="a decoder or encoder–decoder run; for masked LM use fill_masks",
             fix="use `plugformer generate` with a <mask> in the prompt for a masked-LM run",
         )
+    check_positions(model, input_ids.shape[1], config.max_new_tokens)
     use_cache = resolve_cache(model, config.use_cache)
     if config.strategy is Strategy.beam:
         return beam_search(model, input_ids, config, attention_mask=attention_mask, start_id=start_id, eos_id=eos_id, use_cache=use_cache)

@@ -24,6 +24,7 @@ from plugformer.model.builder import choose_components, chosen_techniques
 from plugformer.plugins import Plugins, blame_component, call_hook
 from plugformer.provenance import PROVIDERS_KEY, component_providers
 from plugformer.resume import CheckpointInfo, check_matches_checkpoint, read_checkpoint
+from plugformer.threads import apply_threads
 from plugformer.training.callbacks import (
     LoggingStepAfterResume, MetricHistory, OnTrainStart, RunRecord, ThroughputMonitor, ValidateAtLastStep, final_metrics,
 )
@@ -167,6 +168,9 @@ def _train(state: RunState, plugins: Plugins, ckpt_path: str | None, checkpoint:
         remove_orphan_temporaries(run_dir / "checkpoints")
     if ckpt_path is not None and checkpoint is None:
         checkpoint = read_checkpoint(Path(ckpt_path))
+    threads = apply_threads(cfg)
+    if rank_zero_only.rank == 0:
+        print(f"plugformer: {threads}", flush=True)
     registry = plugins.registry
     chosen = choose_components(cfg, registry)  # names the missing distribution of a saved run
     state.components = {kind: c.name for kind, c in chosen.items()}

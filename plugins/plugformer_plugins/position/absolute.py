@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -48,15 +49,19 @@ class SinusoidalPosition(PositionEncoding):
 
 @dataclass
 class LearnedPositionConfig:
-    max_length: int = field(default=2048, metadata=bounds(ge=1))
+    """``max_length``: rows of the table; None (the default) sizes it to the data's longest
+    sequence, which the builder then writes into the run's config (a table longer than the
+    data would hold rows no step ever trains)."""
+
+    max_length: Optional[int] = field(default=None, metadata=bounds(ge=1))
 
 
 class LearnedPosition(PositionEncoding):
-    """A learned vector per absolute position, up to ``max_length``."""
+    """A learned vector per absolute position, up to ``max_length`` (or the data's length)."""
 
     def __init__(self, config: LearnedPositionConfig, ctx: BuildContext) -> None:
         super().__init__()
-        self.table = nn.Embedding(config.max_length, ctx.d_model)
+        self.table = nn.Embedding(config.max_length or ctx.max_length, ctx.d_model)
 
     def embed(self, positions: Tensor) -> Tensor:
         return self.table(positions)
@@ -87,7 +92,7 @@ LEARNED = Component(
     name="learned",
     factory=LearnedPosition,
     config=LearnedPositionConfig,
-    summary="Learned absolute embeddings added to the input, up to max_length positions.",
+    summary="Learned absolute embeddings added to the input, up to max_length positions (default: the data's length).",
     reference="Radford et al. 2019, Language Models are Unsupervised Multitask Learners",
     capabilities=lambda config: Capabilities(provides={"input_embedding"}, max_length=config.max_length),
 )
