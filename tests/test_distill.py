@@ -94,3 +94,16 @@ def test_initialising_from_a_teacher_of_another_width_is_refused(teacher_dir: Pa
     )
     with pytest.raises(ConfigError, match="init_from_teacher"):
         plugformer.build(cfg, plugins=plugins, run_dir=tmp_path)
+
+
+def test_initialisation_reaches_layers_that_other_techniques_wrap(teacher_dir: Path, tmp_path: Path, plugins: Plugins) -> None:
+    cfg = compose_train(
+        *TINY, "model.n_layers=1", "model.d_model=48", "+technique=[prune,distill]", "techniques.prune.sparsity=0.5",
+        "trainer.max_steps=8", f"techniques.distill.teacher={teacher_dir}", "techniques.distill.init_from_teacher=true",
+        f"run_dir={tmp_path}",
+    )
+    built = plugformer.build(cfg, plugins=plugins, run_dir=tmp_path)
+    query = built.model.stacks["decoder"].blocks[0].attention.query
+    assert hasattr(query, "weight_orig")  # pruning's reparametrisation is in place...
+    teacher = plugformer.load_run(teacher_dir).model
+    assert torch.equal(query.weight_orig, teacher.stacks["decoder"].blocks[0].attention.query.weight)  # ...and got the weights

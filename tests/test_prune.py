@@ -159,3 +159,13 @@ def test_heads_and_neurons_are_removed_for_real(tmp_path: Path, plugins: Plugins
     assert sum(a.n_heads for a in attentions) == 4
     batch = next(iter(loaded.data.val_dataloader()))
     assert torch.isfinite(loaded.model(batch).loss)
+
+
+@pytest.mark.parametrize("option", ["end_step=8", "structured_step=8"])
+def test_a_schedule_that_ends_at_or_after_the_last_step_is_refused(option: str, plugins: Plugins) -> None:
+    from plugformer import ConfigError
+
+    extra = "techniques.prune.sparsity=0.5" if option.startswith("end") else "techniques.prune.heads=0.5"
+    cfg = compose_train(*TINY, "trainer.max_steps=8", "+technique=prune", extra, f"techniques.prune.{option}")
+    with pytest.raises(ConfigError, match=option.split("=")[0]):
+        plugformer.build(cfg, plugins=plugins)

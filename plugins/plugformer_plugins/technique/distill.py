@@ -71,7 +71,7 @@ class Distill:
             self.projection = ctx.add_trainable("distill_hidden_projection", nn.Linear(student_width, teacher_width, bias=False))
 
     # --- hooks ---------------------------------------------------------------------------------
-    @hookimpl
+    @hookimpl(tryfirst=True)  # initialise before other techniques wrap the layers (masks, fake quantization)
     def model_built(self, model: nn.Module, cfg: Any) -> None:
         self._check_compatible(model, cfg)
         self.student = model
@@ -124,6 +124,18 @@ class Distill:
         maps: list[Tensor] = []
         for stack, layer_map in self.layer_maps.items():
             for s_index, t_index in enumerate(layer_map):
+                recorded = [(student, s_index), (teacher, t_index)]
+                missing = any(
+                    i not in r.attention.get(stack, {}) or (self.config.hidden_weight > 0 and i not in r.hidden.get(stack, {}))
+                    for r, i in recorded
+                )
+                if missing:
+                    raise ConfigError(
+                        f"The distill technique's layer losses need each block's output, but {stack} layer "
+                        f"{s_index} of the student (or {t_index} of the teacher) ran outside its forward hooks.",
+                        expected="blocks that run through their own forward (not reversible ones)",
+                        fix="set techniques.distill.hidden_weight=0 and attention_weight=0, or use another model/block",
+                    )
                 s_x, s_kwargs = student.attention[stack][s_index]
                 mask = s_kwargs.get("mask")
                 if self.config.hidden_weight > 0:
@@ -236,21 +248,49 @@ def _in_blocks(name: str) -> bool:
     return len(parts) > 2 and parts[0] == "stacks" and parts[2] == "blocks"
 
 
+#: Tensors other techniques add to a layer (pruning masks, fake-quantization observers): not weights.
+_TECHNIQUE_STATE = ("_mask", "fake_quant", "activation_post_process")
+
+
+def _plain_weights(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A layer's weights by their plain names: a pruned ``weight_orig`` with its mask applied
+    as ``weight``, and no tensors that other techniques added."""
+    plain = {}
+    for name, tensor in state.items():
+        if any(marker in name for marker in _TECHNIQUE_STATE):
+            continue
+        if name.endswith("_orig"):
+            mask = state.get(name.removesuffix("_orig") + "_mask")
+            plain[name.removesuffix("_orig")] = tensor * mask if mask is not None else tensor
+        else:
+            plain[name] = tensor
+    return plain
+
+
 def _copy_matching(target: nn.Module, source: nn.Module, *, strict: bool, where: str) -> None:
-    target_state, source_state = target.state_dict(), source.state_dict()
-    different = [n for n, t in target_state.items() if n not in source_state or source_state[n].shape != t.shape]
+    """Copy ``source``'s weights into ``target`` by plain name (either may carry pruning masks
+    or fake-quantization observers of other techniques; a pruned target gets the weights in
+    its ``weight_orig``)."""
+    target_state = target.state_dict()
+    source_plain = _plain_weights(source.state_dict())
+    targets = {}
+    for name, tensor in target_state.items():
+        if any(marker in name for marker in _TECHNIQUE_STATE):
+            continue
+        targets[name.removesuffix("_orig") if name.endswith("_orig") else name] = tensor
+    different = [n for n, t in targets.items() if n not in source_plain or source_plain[n].shape != t.shape]
     if different and strict:
         name = different[0]
         raise ConfigError(
             f"The student's layers cannot be initialised from the teacher's {where}: {name} is "
-            f"{tuple(target_state[name].shape)} in the student and "
-            f"{tuple(source_state[name].shape) if name in source_state else 'absent'} in the teacher.",
+            f"{tuple(targets[name].shape)} in the student and "
+            f"{tuple(source_plain[name].shape) if name in source_plain else 'absent'} in the teacher.",
             expected="student layers of the teacher's width and components (DistilBERT keeps them)",
             fix="set techniques.distill.init_from_teacher=false, or give the student the teacher's d_model and components",
         )
-    for name, tensor in target_state.items():
+    for name, tensor in targets.items():
         if name not in different:
-            tensor.copy_(source_state[name])
+            tensor.copy_(source_plain[name])
 
 
 COMPONENT = Component(

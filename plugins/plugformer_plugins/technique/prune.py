@@ -36,7 +36,7 @@ SCOPES = ("global", "layer")
 class PruneConfig:
     """Unstructured: ``sparsity`` (final fraction of zeros in the blocks' linear weights),
     reached from ``initial_sparsity`` at ``start_step`` to ``sparsity`` at ``end_step``
-    (default: trainer.max_steps) every ``frequency`` steps. Structured, once at
+    (default: 3/4 of trainer.max_steps; before max_steps) every ``frequency`` steps. Structured, once at
     ``structured_step`` (default: half of trainer.max_steps): remove the fraction ``heads``
     of all attention heads and ``ffn_neurons`` of all feed-forward neurons, the least
     important over ``importance_batches`` training batches."""
@@ -63,12 +63,26 @@ class Prune:
         self.config = config
         self.run_dir = Path(ctx.run_dir)
         max_steps = int(ctx.cfg.trainer.get("max_steps", -1) or -1)
-        self.end_step = config.end_step if config.end_step is not None else max_steps
+        # By default the last quarter of training recovers at the final sparsity (Zhu & Gupta
+        # prune over part of training, then keep training at the final masks).
+        self.end_step = config.end_step if config.end_step is not None else max(config.start_step, 3 * max_steps // 4)
         self.structured_step = config.structured_step if config.structured_step is not None else max_steps // 2
         if (config.sparsity > 0 and self.end_step < 0) or (self.structural and self.structured_step < 0):
             raise ConfigError(
                 "The prune technique needs to know when to prune, and trainer.max_steps is not set.",
                 fix="set trainer.max_steps, or techniques.prune.end_step / techniques.prune.structured_step",
+            )
+        if config.sparsity > 0 and 0 < max_steps <= self.end_step:
+            raise ConfigError(
+                f"techniques.prune.end_step={self.end_step} is not before trainer.max_steps={max_steps}: the final "
+                "sparsity would never be reached (pruning happens at the start of a step).",
+                expected="end_step < trainer.max_steps",
+                fix=f"set techniques.prune.end_step to at most {max_steps - 1}",
+            )
+        if self.structural and 0 < max_steps <= self.structured_step:
+            raise ConfigError(
+                f"techniques.prune.structured_step={self.structured_step} is not before trainer.max_steps={max_steps}.",
+                fix=f"set techniques.prune.structured_step to at most {max_steps - 1}",
             )
         if config.scope not in SCOPES:
             raise ConfigError(f"techniques.prune.scope={config.scope!r} is not a pruning scope.", expected=f"one of {list(SCOPES)}", fix="techniques.prune.scope=global or layer")

@@ -4,9 +4,9 @@ feed-forward matrices), ranked by importance as in Michel et al. 2019 ("Are Sixt
 Really Better than One?"): I_h = E_x |∂L/∂ξ_h| for a gate ξ_h = 1 on each head's output
 (each neuron's activation), normalised per layer by its L2 norm, then ranked over all layers.
 
-Shrinking a layer keeps its parameter objects (``param.data`` is replaced) and slices the
-optimizer's per-parameter state the same way, so training continues with the same
-optimizer, schedule and moments for what remains."""
+Shrinking a layer replaces its parameters with smaller ones in the module and in the
+optimizer's groups, with the optimizer's per-parameter state sliced the same way, so
+training continues with the same optimizer, schedule and moments for what remains."""
 
 from __future__ import annotations
 
@@ -66,15 +66,13 @@ def shrink_linear(linear: nn.Linear, dim: int, keep: Tensor, optimizers: Iterabl
     with torch.no_grad():
         for name, axis in targets:
             if name in linear._parameters and linear._parameters[name] is not None:
-                parameter = linear._parameters[name]
-                old_shape = parameter.shape
-                parameter.data = _shrink(parameter.data, axis, keep)
-                parameter.grad = None
+                old = linear._parameters[name]
+                # A new parameter, not new .data: autograd caches a parameter's shape in its
+                # gradient accumulator, which a graph still alive somewhere may hold.
+                new = nn.Parameter(_shrink(old.detach(), axis, keep), requires_grad=old.requires_grad)
+                linear._parameters[name] = new
                 for optimizer in optimizers:
-                    state = optimizer.state.get(parameter, {})
-                    for key, value in list(state.items()):
-                        if isinstance(value, Tensor) and value.shape == old_shape:
-                            state[key] = _shrink(value, axis, keep)
+                    _replace_in_optimizer(optimizer, old, new, axis, keep)
             elif name in linear._buffers and linear._buffers[name] is not None:
                 linear._buffers[name] = _shrink(linear._buffers[name], axis, keep)
         if "weight_orig" in linear._parameters:  # pruned: recompute the effective weight now
@@ -83,6 +81,18 @@ def shrink_linear(linear: nn.Linear, dim: int, keep: Tensor, optimizers: Iterabl
         linear.out_features = int(keep.numel())
     else:
         linear.in_features = int(keep.numel())
+
+
+def _replace_in_optimizer(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, axis: int, keep: Tensor) -> None:
+    """Put ``new`` where ``old`` was in the optimizer's groups, with ``old``'s state sliced."""
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    if old in optimizer.state:
+        state = optimizer.state.pop(old)
+        optimizer.state[new] = {
+            key: _shrink(value, axis, keep) if isinstance(value, Tensor) and value.shape == old.shape else value
+            for key, value in state.items()
+        }
 
 
 def _head_rows(heads: Tensor, head_dim: int) -> Tensor:
