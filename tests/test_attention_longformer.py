@@ -214,3 +214,16 @@ def test_classification_marks_its_cls_token_global(pooling):
     expected = torch.zeros(2, 7, dtype=torch.bool)
     expected[:, 0] = True
     assert torch.equal(extras[GLOBAL_MASK], expected)
+
+
+def test_classification_passes_a_global_mask_from_the_data_on():
+    from plugformer_plugins.objective import classification
+
+    ctx = replace(small_context(causal=False), task={"num_classes": 3})
+    objective = classification.COMPONENT.factory(classification.ClassificationConfig(pooling="cls"), ctx)
+    marked = torch.zeros(2, 7, dtype=torch.bool)
+    marked[1, 4] = True
+    batch = {"input_ids": torch.ones(2, 7, dtype=torch.long), GLOBAL_MASK: marked}
+    expected = marked.clone()
+    expected[:, 0] = True
+    assert torch.equal(objective.model_inputs(batch).extras[GLOBAL_MASK], expected)

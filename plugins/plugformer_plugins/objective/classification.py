@@ -45,7 +45,8 @@ class Classification(Objective):
     states. Metric: accuracy. The encoder (bidirectional attention) follows from the
     capabilities; ``num_classes`` comes from the data task's facts (``ctx.task``). With CLS
     pooling it marks the CLS token in ``extras["global_mask"]``, so an attention with global
-    tokens (``longformer``) lets it see the whole sequence, as Longformer does for classification."""
+    tokens (``longformer``) lets it see the whole sequence, as Longformer does for
+    classification; a ``global_mask`` in the batch is passed on there too."""
 
     def __init__(self, config: ClassificationConfig, ctx: BuildContext) -> None:
         super().__init__()
@@ -61,10 +62,15 @@ class Classification(Objective):
         self.head = nn.Linear(ctx.d_model, num_classes)
 
     def model_inputs(self, batch: dict[str, Tensor]) -> ModelInputs:
+        """The default inputs, with ``extras["global_mask"]``: the batch's own ``global_mask``
+        (from a data task that marks tokens) and, with CLS pooling, the CLS token."""
         inputs = super().model_inputs(batch)
+        marked = batch.get(GLOBAL_MASK)
         if self.pooling is Pooling.cls:
-            marked = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
-            marked[:, 0] = True
+            cls = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+            cls[:, 0] = True
+            marked = cls if marked is None else marked.bool() | cls
+        if marked is not None:
             inputs.extras[GLOBAL_MASK] = marked
         return inputs
 
