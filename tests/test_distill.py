@@ -107,3 +107,43 @@ def test_initialisation_reaches_layers_that_other_techniques_wrap(teacher_dir: P
     assert hasattr(query, "weight_orig")  # pruning's reparametrisation is in place...
     teacher = plugformer.load_run(teacher_dir).model
     assert torch.equal(query.weight_orig, teacher.stacks["decoder"].blocks[0].attention.query.weight)  # ...and got the weights
+
+
+SEQ2SEQ = [
+    "experiment=reverse_small", *FAST, "logger=none", "data.train_examples=320", "data.val_examples=64", "data.test_examples=64",
+    "model.n_heads=2", "trainer.val_check_interval=4",
+]
+
+
+def test_sequence_level_distillation_trains_on_the_teachers_greedy_output(tmp_path: Path, plugins: Plugins) -> None:
+    from plugformer.model.generation import DecodingConfig, generate
+    from plugformer_plugins.technique.distill import teacher_targets
+
+    teacher_dir = tmp_path / "teacher"
+    cfg = compose_train(*SEQ2SEQ, "trainer.max_steps=8", f"run_dir={teacher_dir}")
+    assert plugformer.train(cfg, run_dir=teacher_dir)["status"] == "finished"
+    student_dir = tmp_path / "student"
+    cfg = compose_train(
+        *SEQ2SEQ, "trainer.max_steps=4", "+technique=distill", f"techniques.distill.teacher={teacher_dir}",
+        "techniques.distill.sequence_level=true", "techniques.distill.alpha=0", f"run_dir={student_dir}",
+    )
+    summary = train(cfg, plugins, student_dir, run_id="seqkd")
+    assert summary["status"] == "finished", summary.get("error")
+    metrics = summary["metrics"]
+    # With α = 0 the optimized loss is the student's loss on the teacher's targets alone.
+    assert metrics["train/total_loss"] == pytest.approx(metrics["train/loss_distill_sequence"], rel=1e-4)
+    assert metrics["train/loss_distill_task"] == pytest.approx(-metrics["train/loss"], rel=1e-4)
+    assert "val/loss_distill_sequence" not in metrics  # validation keeps the gold targets
+
+    teacher = plugformer.load_run(teacher_dir)
+    batch = next(iter(teacher.data.val_dataloader()))
+    facts = dict(teacher.data.facts)
+    targets = teacher_targets(teacher.model, batch, facts)
+    generated = generate(teacher.model, batch["input_ids"], DecodingConfig(max_new_tokens=batch["labels"].shape[1]),
+                         attention_mask=batch.get("attention_mask"), start_id=facts["start_id"], eos_id=facts["eos_id"])
+    scored = targets["labels"] != -100
+    assert torch.equal(targets["labels"][scored], generated[scored]) and "decoder_input_ids" not in targets
+    first_end = (generated == facts["eos_id"]).float().argmax(dim=1)
+    ended = (generated == facts["eos_id"]).any(dim=1)
+    for row in torch.nonzero(ended).flatten().tolist():
+        assert scored[row, : first_end[row] + 1].all() and not scored[row, first_end[row] + 1 :].any()

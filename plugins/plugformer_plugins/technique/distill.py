@@ -26,7 +26,8 @@ class DistillConfig:
     ``layer_map[i]``: the teacher layer student layer i learns from (default: uniform, the
     last from the last). ``init_from_teacher``: copy teacher layer i·k into student layer i
     (k = ``init_stride``, default teacher layers // student layers) and every other tensor
-    whose name and shape match."""
+    whose name and shape match. ``sequence_level`` (encoder–decoders): training steps learn
+    the teacher's greedy output instead of the gold target (Kim & Rush 2016)."""
 
     teacher: str = ""
     checkpoint: str = "best"
@@ -37,6 +38,7 @@ class DistillConfig:
     layer_map: list[int] | None = None
     init_from_teacher: bool = False
     init_stride: int | None = field(default=None, metadata=bounds(ge=1))
+    sequence_level: bool = False
 
 
 class Distill:
@@ -58,6 +60,7 @@ class Distill:
         self.ctx = ctx
         loaded = ctx.load_run(config.teacher, checkpoint=config.checkpoint)
         self.teacher_cfg = loaded.cfg
+        self.facts = dict(loaded.data.facts)
         self.teacher = ctx.add_frozen("distill_teacher", loaded.model)
         self.student: nn.Module | None = None
         self.projection: nn.Module | None = None
@@ -83,6 +86,12 @@ class Distill:
             self._teacher_layers = LayerRecorder(self.teacher, hidden=self.config.hidden_weight > 0, attention_inputs=True)
         if self.config.init_from_teacher:
             self.initialised = initialise_from_teacher(model, self.teacher, self.config.init_stride)
+        if self.config.sequence_level and (model.architecture != "encoder_decoder" or self.facts.get("start_id") is None):
+            raise ConfigError(
+                "techniques.distill.sequence_level trains on the teacher's generated targets, which needs an "
+                f"encoder–decoder with a start token; this model is a {model.architecture}.",
+                fix="use an encoder–decoder objective (seq2seq, span_corruption), or unset sequence_level",
+            )
 
     @hookimpl
     def extra_losses(self, model: nn.Module, batch: dict[str, Tensor], outputs: ObjectiveOutput, stage: str) -> dict[str, Tensor] | None:
@@ -104,6 +113,11 @@ class Distill:
             terms["distill_task"] = -alpha * outputs.loss
         if self._student_layers is not None:
             terms.update(self._layer_terms())
+        if self.config.sequence_level and stage == "train":
+            # Kim & Rush 2016: the task part learns the teacher's output, not the gold target.
+            student_on_teacher = model(teacher_targets(self.teacher, batch, self.facts))
+            terms["distill_sequence"] = (1 - alpha) * student_on_teacher.loss
+            terms["distill_task"] = -outputs.loss
         return terms
 
     @hookimpl
@@ -213,6 +227,28 @@ class Distill:
                             expected="full attention in every layer of student and teacher",
                             fix="set techniques.distill.attention_weight=0, or use model/attention=full",
                         )
+
+
+def teacher_targets(teacher: nn.Module, batch: dict[str, Tensor], facts: dict[str, Any]) -> dict[str, Tensor]:
+    """The batch with the teacher's greedy output as its target: ``labels`` are the generated
+    tokens up to and including the first end token (-100 after it), as long as the gold
+    targets; the decoder's inputs are derived from them by the objective."""
+    from plugformer.model.generation import DecodingConfig, generate
+
+    labels = batch["labels"]
+    with torch.no_grad():
+        tokens = generate(
+            teacher, batch["input_ids"], DecodingConfig(max_new_tokens=labels.shape[1]),
+            attention_mask=batch.get("attention_mask"), start_id=facts.get("start_id"), eos_id=facts.get("eos_id"),
+        )
+    tokens = tokens[:, : labels.shape[1]]
+    eos = facts.get("eos_id")
+    if eos is not None:
+        ended = (tokens == eos).long().cumsum(dim=1)
+        after_end = (ended - (tokens == eos).long()) > 0  # strictly after the first end token
+        tokens = tokens.masked_fill(after_end, -100)
+    keep = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    return {**keep, "labels": tokens}
 
 
 def initialise_from_teacher(student: nn.Module, teacher: nn.Module, stride: int | None) -> dict[str, list[int]]:
