@@ -195,3 +195,30 @@ def test_a_plugin_with_such_a_config_stops_loading_with_that_message() -> None:
 
     with pytest.raises(PluginError, match="config field called 'name'"):
         load_plugins(extra={"named": Named()})
+
+
+# --- the docs' example plugin ----------------------------------------------------------------
+
+
+def test_the_docs_example_plugin_defines_the_component_testing_md_imports_and_conforms(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/plugins.md's plugformer_cosine, saved as a package, passes docs/testing.md's tests."""
+    import sys
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    plugin_code = (docs / "plugins.md").read_text().split("# plugformer_cosine/__init__.py\n", 1)[1].split("```", 1)[0]
+    test_code = (docs / "testing.md").read_text().split("# tests/test_conformance.py of your plugin\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "plugformer_cosine").mkdir()
+    (tmp_path / "plugformer_cosine" / "__init__.py").write_text(plugin_code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        namespace: dict[str, typing.Any] = {}
+        exec(compile(test_code, "docs/testing.md", "exec"), namespace)
+        namespace["test_cosine_attention_conforms"]()
+        for temperature in (1.0, 20.0):
+            namespace["test_cosine_attention_conforms_with_options"](temperature)
+        assert namespace["COMPONENT"].name == "cosine"
+    finally:
+        sys.modules.pop("plugformer_cosine", None)
