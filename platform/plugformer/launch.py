@@ -9,6 +9,7 @@ without waiting for them.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -25,6 +26,7 @@ from plugformer.overrides import check_composes, check_group_choices
 from plugformer.plugins import Plugins, load_plugins
 from plugformer.resume import check_run_directory, plan_run, write_run_id
 from plugformer.runlock import check_free, locked
+from plugformer.study import objective_value, write_study_summary
 from plugformer.sweep_root import with_sweep_root
 
 CONFIG_PACKAGE = "pkg://plugformer.conf"
@@ -84,9 +86,12 @@ def _quiet_library_noise() -> None:
 def launch_training(overrides: list[str]) -> int:
     """Run ``plugformer train`` with these overrides; returns the exit status.
 
-    A user error ends a single run with a short message (status 2). In a sweep (``-m``) it
-    ends only that job: its summary.json records the failure and the sweep goes on, so a
-    study over components survives the combinations that are refused by design.
+    A user error ends a single run with a short message (status 2). In a sweep (``-m``) any
+    failure ends only that job: its summary.json records it, the sweep goes on (a study over
+    components survives the combinations refused by design, and a diverged run), and the
+    sweep's folder gets study.json/study.md listing every job, the failed ones with their
+    reasons (:mod:`plugformer.study`). With ``optimized_metric`` set, each job returns that
+    metric's best value (NaN when it failed) for search sweepers such as Optuna.
     """
     plugins = load_plugins()
     store_core_configs()
@@ -94,20 +99,29 @@ def launch_training(overrides: list[str]) -> int:
     check_composes(overrides)  # Hydra's refusals as one plugformer error (exit 2)
     original_argv = list(sys.argv)
     rejected: list[str] = []
+    sweep: dict[str, Any] = {}
 
     @hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="train")
-    def hydra_task(cfg: DictConfig) -> None:
+    def hydra_task(cfg: DictConfig) -> float | None:
         sys.argv = original_argv
+        hydra_cfg = HydraConfig.get()
+        metric = cfg.get("optimized_metric")
+        multirun = hydra_cfg.mode.name == "MULTIRUN"
+        if multirun:
+            sweep.update(dir=hydra_cfg.sweep.dir, metric=metric, direction=str(hydra_cfg.sweeper.get("direction", "minimize")))
         try:
-            run_from_config(cfg, plugins)
-        except PlugformerError as error:
-            if full_tracebacks_requested():
+            summary = run_from_config(cfg, plugins)
+        except Exception as error:
+            if full_tracebacks_requested() or not (multirun or isinstance(error, PlugformerError)):
                 raise
-            if HydraConfig.get().mode.name != "MULTIRUN":
+            if not multirun:
                 raise SystemExit(report_user_error(error)) from None
-            job = f"job {HydraConfig.get().job.num} ({' '.join(HydraConfig.get().overrides.task)})"
-            print(f"plugformer: {job} refused: {error.what}", file=sys.stderr)
+            job = f"job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)})"
+            reason = error.what if isinstance(error, PlugformerError) else f"{type(error).__name__}: {error}"
+            print(f"plugformer: {job} {'refused' if isinstance(error, PlugformerError) else 'failed'}: {reason}", file=sys.stderr)
             rejected.append(job)
+            return math.nan if metric else None
+        return objective_value(summary, metric) if metric else None
 
     sys.argv = [original_argv[0], *_with_shared_run_dir(_with_resume_dir(with_sweep_root(overrides)))]
     try:
@@ -116,7 +130,10 @@ def launch_training(overrides: list[str]) -> int:
     finally:
         sys.argv = original_argv
     if rejected:
-        print(f"plugformer: {len(rejected)} job(s) of the sweep were refused; their summary.json says why.", file=sys.stderr)
+        print(f"plugformer: {len(rejected)} job(s) of the sweep failed or were refused; their summary.json says why.", file=sys.stderr)
+    if sweep and process_rank() == 0 and Path(sweep["dir"]).is_dir():
+        write_study_summary(Path(sweep["dir"]), sweep["metric"], "maximize" if "maximize" in sweep["direction"].lower() else "minimize")
+        print(f"plugformer: study summary: {Path(sweep['dir']) / 'study.md'}")
     return 0
 
 

@@ -1,0 +1,61 @@
+"""Studies: a failed job never stops a sweep and the sweep's study.json/study.md list every
+job with the failed ones' reasons; with optimized_metric each job returns its best value, so
+the Optuna sweeper searches over real runs (sweeps/optuna_listops.yaml)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+from helpers import FAST, read_summary, run_cli
+from plugformer.study import objective_value
+
+TINY_LISTOPS = [
+    "trainer.max_steps=4", "trainer.val_check_interval=2", "data.train_examples=200", "data.val_examples=32",
+    "data.test_examples=16", "data.max_length=60", "test_after_fit=false", "logger=none", "callbacks.progress_bar=none",
+]
+
+
+def test_a_refused_job_is_listed_with_its_reason_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    root = tmp_path / "study"
+    result = run_cli(
+        "train", "model/attention=linear", "model/position=learned,alibi", *FAST, "trainer.max_steps=2",
+        "trainer.val_check_interval=2", "logger=none", "optimized_metric=val/loss", f"run_dir={root}", "-m",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = json.loads((root / "study.json").read_text())
+    assert (study["jobs"], study["finished"]) == (2, 1)
+    [failed] = study["failed"]
+    assert failed["job"] == 1 and "model/position=alibi" in failed["overrides"] and "score_bias" in failed["reason"]
+    assert study["best"]["job"] == 0
+    assert study["best"]["value"] == read_summary(root / "0")["best"]["val/loss"]
+    markdown = (root / "study.md").read_text()
+    assert "1 of 2 jobs finished" in markdown and "score_bias" in markdown
+
+
+def test_an_optuna_search_trains_each_trial_and_reports_the_best(tmp_path: Path) -> None:
+    root = tmp_path / "optuna"
+    result = run_cli(
+        "train", "-m", "--config-dir", "sweeps", "--config-name", "optuna_listops", "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.sampler.n_startup_trials=2", "model.d_model=choice(32,48)", *TINY_LISTOPS, f"run_dir={root}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    optuna = yaml.safe_load((root / "optimization_results.yaml").read_text())
+    study = json.loads((root / "study.json").read_text())
+    values = [read_summary(root / str(job))["best"]["val/accuracy"] for job in range(3)]
+    assert [row["objective"] for row in study["rows"]] == values
+    assert study["direction"] == "maximize" and study["best"]["value"] == max(values) == optuna["best_value"]
+    best_overrides = study["best"]["overrides"]
+    for key, value in optuna["best_params"].items():
+        assert any(o.split("=", 1)[0] == key and math.isclose(float(o.split("=", 1)[1]), float(value)) for o in best_overrides), (key, value)
+
+
+def test_objective_value_prefers_the_best_and_fails_as_nan() -> None:
+    finished = {"status": "finished", "best": {"val/loss": 1.5}, "metrics": {"val/loss": 2.0, "val/accuracy": 0.4}}
+    assert objective_value(finished, "val/loss") == 1.5
+    assert objective_value(finished, "val/accuracy") == 0.4
+    assert math.isnan(objective_value({**finished, "status": "failed"}, "val/loss"))
+    assert math.isnan(objective_value(finished, "val/bleu")) and math.isnan(objective_value(None, "val/loss"))
