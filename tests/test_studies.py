@@ -59,3 +59,35 @@ def test_objective_value_prefers_the_best_and_fails_as_nan() -> None:
     assert objective_value(finished, "val/accuracy") == 0.4
     assert math.isnan(objective_value({**finished, "status": "failed"}, "val/loss"))
     assert math.isnan(objective_value(finished, "val/bleu")) and math.isnan(objective_value(None, "val/loss"))
+
+
+def test_a_study_file_becomes_a_wandb_sweep_whose_arguments_compose(tmp_path: Path) -> None:
+    out = tmp_path / "zoology.wandb.yaml"
+    result = run_cli("sweep", "wandb", "sweeps/zoology_mqar.yaml", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    sweep = yaml.safe_load(out.read_text())
+    assert sweep["method"] == "grid" and "metric" not in sweep
+    assert sweep["parameters"] == {
+        "model.plan.attention": {"values": ["[full]", "[local]", "[linear]", "[short_conv,full]"]},
+        "model.d_model": {"values": [32, 64, 128]},
+    }
+    assert sweep["command"][-1] == "${args_no_hyphens}"
+    # What the agent runs for one trial: the study file plus key=value overrides.
+    trial = [f"{key}={spec['values'][-1]}" for key, spec in sweep["parameters"].items()]
+    assert sweep["command"][0] == "plugformer"
+    shown = run_cli(*sweep["command"][1:-1], *trial, "--cfg", "job")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    job = yaml.safe_load(shown.stdout)
+    assert job["model"]["plan"]["attention"] == ["short_conv", "full"] and job["model"]["d_model"] == 128
+
+    optuna = yaml.safe_load(Path(run_cli("sweep", "wandb", "sweeps/optuna_listops.yaml", "--out", str(tmp_path / "o.yaml")).stdout.split()[1]).read_text())
+    assert optuna["method"] == "bayes" and optuna["metric"] == {"name": "val/accuracy", "goal": "maximize"}
+    assert optuna["parameters"]["optim.lr"] == {"distribution": "log_uniform_values", "min": 1e-4, "max": 3e-3}
+    assert optuna["parameters"]["model.d_model"] == {"values": [64, 128, 192]}
+
+
+def test_a_study_without_a_sweep_is_refused(tmp_path: Path) -> None:
+    study = tmp_path / "empty.yaml"
+    study.write_text("defaults:\n  - train\n")
+    result = run_cli("sweep", "wandb", str(study))
+    assert result.returncode == 2 and "hydra.sweeper.params" in result.stderr and "Traceback" not in result.stderr

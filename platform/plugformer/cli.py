@@ -32,6 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _add_generate(commands)
     _add_eval(commands)
+    _add_sweep(commands)
 
     if not args:
         parser.print_help()
@@ -63,6 +64,14 @@ def _dispatch(parser: argparse.ArgumentParser, args: list[str]) -> int:
 
         eval_metrics = tuple(m.strip() for m in parsed.eval_metrics.split(",") if m.strip())
         return compare_command(parsed.paths, out=parsed.out, metric=parsed.metric, eval_metrics=eval_metrics)
+    if parsed.command == "sweep":
+        from pathlib import Path
+
+        from plugformer.wandb_sweep import write_wandb_sweep
+
+        out = write_wandb_sweep(Path(parsed.study), Path(parsed.out) if parsed.out else None, project=parsed.project)
+        print(f"wrote {out}\n  start it with: wandb sweep {out}   then: wandb agent <the sweep id it prints>")
+        return 0
     if parsed.command == "generate":
         from plugformer.model.generation import DecodingConfig
         from plugformer.prompting import generate_command
@@ -84,6 +93,14 @@ def _dispatch(parser: argparse.ArgumentParser, args: list[str]) -> int:
         )
     parser.print_help()
     return 2
+
+
+def _add_sweep(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("sweep", help="turn a study file into a W&B sweep: plugformer sweep wandb sweeps/<study>.yaml")
+    parser.add_argument("service", choices=["wandb"], help="the sweep service")
+    parser.add_argument("study", help="a study file (a Hydra primary config with hydra.sweeper.params)")
+    parser.add_argument("--out", default=None, help="the W&B sweep YAML to write (default: <study>.wandb.yaml)")
+    parser.add_argument("--project", default=None, help="the W&B project of the sweep")
 
 
 def _add_generate(commands: argparse._SubParsersAction) -> None:

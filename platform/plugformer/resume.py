@@ -9,6 +9,7 @@ is built) that the saved config still builds the model the checkpoint holds.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import string
 from dataclasses import dataclass, field
@@ -49,6 +50,9 @@ class RunPlan:
 
 
 def new_run_id() -> str:
+    """A fresh id, or the one a W&B sweep agent assigned to this run (``WANDB_RUN_ID``)."""
+    if os.environ.get("WANDB_RUN_ID"):
+        return os.environ["WANDB_RUN_ID"]
     alphabet = string.ascii_lowercase + string.digits
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
