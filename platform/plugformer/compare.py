@@ -35,6 +35,9 @@ IGNORED_KEYS = ("run_dir", "resume", "paths", "hydra", "resolved_layers", "provi
 # metrics.csv columns that index rows rather than being metrics.
 INDEX_COLUMNS = ("step", "epoch")
 SUMMARY_COLUMNS = ("params", "wall_time_s", "tokens_per_second")
+#: The per-run report's columns (summary.json ``extra``; docs/compression.md), shown when a
+#: run has them.
+REPORT_COLUMNS = ("report/params", "report/nonzero_params", "report/model_bytes", "report/cpu_latency_per_token_s")
 MISSING = "-"
 
 
@@ -315,7 +318,7 @@ def comparison_table(runs: list[Run], eval_metrics: tuple[str, ...] = ("loss",))
     the common parent), ``status``, one column per component kind that differs, the
     differing config keys (except those a component column implies), the
     final ``val/*`` metrics, ``best/val/loss``, ``params``, ``wall_time_s``,
-    ``tokens_per_second``, then ``eval/<split>@<length>/<metric>`` for the ``eval_metrics``
+    ``tokens_per_second``, the per-run report's ``report/*`` columns when a run has them, then ``eval/<split>@<length>/<metric>`` for the ``eval_metrics``
     that ``plugformer eval`` recorded. Missing values are None."""
     names = run_names(runs)
     kinds = differing_components(runs)
@@ -327,12 +330,14 @@ def comparison_table(runs: list[Run], eval_metrics: tuple[str, ...] = ("loss",))
     }
     val_names = _val_metric_names(runs)
     eval_names = _eval_columns(runs, eval_metrics)
+    reported = [name for name in REPORT_COLUMNS if any(name in (run.summary.get("extra") or {}) for run in runs)]
     rows = []
     for index, run in enumerate(runs):
         row: dict[str, Any] = {"run": names[index], "status": run.status}
         row.update({kind: run.components.get(kind) for kind in kinds})
         row.update({key: values[index] for key, values in config.items()})
         row.update(_summary_metrics(run, val_names))
+        row.update({name: (run.summary.get("extra") or {}).get(name) for name in reported})
         row.update({name: run.evaluations.get(name) for name in eval_names})
         rows.append(row)
     return rows
