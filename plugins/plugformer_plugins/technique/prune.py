@@ -95,6 +95,7 @@ class Prune:
             self._check_position(ctx)
         self.model: nn.Module | None = None
         self.linears: dict[str, nn.Linear] = {}
+        self._final_reached = False
 
     @property
     def structural(self) -> bool:
@@ -157,12 +158,13 @@ class Prune:
     def maybe_prune_unstructured(self, step: int) -> bool:
         """Prune to the schedule's target when ``step`` is a pruning step; returns whether it was."""
         c = self.config
-        if c.sparsity <= 0 or step < c.start_step:
+        if c.sparsity <= 0 or step < c.start_step or self._final_reached:
             return False
         if step < self.end_step and (step - c.start_step) % c.frequency:
             return False
         target = sparsity.zhu_gupta_sparsity(step, initial=c.initial_sparsity, final=c.sparsity, start=c.start_step, end=self.end_step)
         sparsity.prune_to(self.linears, target, global_scope=c.scope == "global")
+        self._final_reached = step >= self.end_step  # from then on the masks stay as they are
         return True
 
     def remove_structures(self, batches: list[dict[str, Any]], optimizers: list[torch.optim.Optimizer]) -> dict[str, dict[str, int]]:
@@ -197,24 +199,28 @@ class Prune:
                 )
 
 
+def _by_layer(model: nn.Module, part: str, eligible: Any) -> dict[str, nn.Module]:
+    """Each layer's ``part`` module that passes ``eligible``, by ``<stack>.<layer>``; a module
+    shared by several layers is listed once, under its first layer."""
+    found: dict[str, nn.Module] = {}
+    seen: set[int] = set()
+    for stack, blocks in stack_blocks(model).items():
+        for i, block in enumerate(blocks):
+            module = getattr(block, part)
+            if id(module) not in seen and eligible(module):
+                seen.add(id(module))
+                found[f"{stack}.{i}"] = module
+    return found
+
+
 def prunable_attentions(model: nn.Module) -> dict[str, nn.Module]:
     """The self-attentions whose heads can be removed, by ``<stack>.<layer>``."""
-    return {
-        f"{stack}.{i}": block.attention
-        for stack, blocks in stack_blocks(model).items()
-        for i, block in enumerate(blocks)
-        if structured.head_prunable(block.attention)
-    }
+    return _by_layer(model, "attention", structured.head_prunable)
 
 
 def prunable_ffns(model: nn.Module) -> dict[str, nn.Module]:
     """The feed-forward layers whose neurons can be removed, by ``<stack>.<layer>``."""
-    return {
-        f"{stack}.{i}": block.ffn
-        for stack, blocks in stack_blocks(model).items()
-        for i, block in enumerate(blocks)
-        if structured.ffn_kind(block.ffn) is not None
-    }
+    return _by_layer(model, "ffn", lambda ffn: structured.ffn_kind(ffn) is not None)
 
 
 def structure_of(model: nn.Module) -> dict[str, dict[str, int]]:
