@@ -382,3 +382,217 @@ def test_the_kit_leaves_threads_and_random_state_alone(registry) -> None:
     check_component(component)
     assert torch.get_num_threads() == threads
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+# --- Behavioural kits of data tasks and objectives -------------------------------------------
+
+from plugformer import DataTask, Objective, ObjectiveOutput  # noqa: E402
+from plugformer.testing import check_data_task, check_objective_training, small_data_config  # noqa: E402
+
+DATA_TASKS = [c for c in COMPONENTS if c.kind == "data"]
+OBJECTIVES = [c for c in COMPONENTS if c.kind == "objective"]
+
+#: Per built-in task, options beyond small_data_config's sizes that keep the kit fast.
+SMALL_DATA_OPTIONS = {
+    "listops": {"max_depth": 3, "min_length": 10, "max_length": 40},
+    "mqar": {"seq_len": 32, "num_pairs": 4, "vocab_size": 64},
+    "text": {"block_size": 32},
+}
+
+
+def small_config(component: Component, tmp_path) -> object:
+    """A small config of a registered data task; ``pairs`` reads files, written here."""
+    options = dict(SMALL_DATA_OPTIONS.get(component.name, {}))
+    if component.name == "pairs":
+        import json
+
+        for split, count in (("train", 40), ("validation", 12)):
+            rows = [{"source": f"ab{'c' * (i % 5)}", "target": f"{'c' * (i % 5)}ba"} for i in range(count)]
+            (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        options.update(train_file=str(tmp_path / "train.jsonl"), validation_file=str(tmp_path / "validation.jsonl"))
+    fields = {f.name for f in __import__("dataclasses").fields(component.config)}
+    return small_data_config(component, **{k: v for k, v in options.items() if k in fields})
+
+
+@pytest.mark.parametrize("component", DATA_TASKS, ids=[c.qualified_name for c in DATA_TASKS])
+def test_registered_data_task_keeps_the_batch_contract(component: Component, tmp_path) -> None:
+    check_data_task(component, small_config(component, tmp_path), cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("component", OBJECTIVES, ids=[c.qualified_name for c in OBJECTIVES])
+def test_registered_objective_learns_and_ignores_padding(component: Component, registry, tmp_path) -> None:
+    """On the first registered data task that serves it (kit default), at small sizes."""
+    from plugformer.testing import serving_data_tasks
+
+    data = serving_data_tasks(registry, component)[0]
+    check_objective_training(component, data=data, data_config=small_config(data, tmp_path))
+
+
+@dataclass
+class CopyOptions:
+    train_examples: int = 32
+    val_examples: int = 16
+    batch_size: int = 8
+
+
+class CopyTask(DataTask):
+    """Correct padded batches (variable-length rows, attention_mask, labels -100 on padding
+    and on the first half), for subclasses to break one thing."""
+
+    vocab_size = 12
+    max_length = 16
+
+    def __init__(self, config: CopyOptions, ctx) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.rows = [torch.randint(3, self.vocab_size, (int(n),), generator=generator)
+                     for n in torch.randint(4, self.max_length + 1, (config.train_examples,), generator=generator)]
+        self.batch_size = config.batch_size
+
+    def prepare(self) -> None:
+        pass
+
+    def collate(self, rows):
+        ids = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)], mask[i, : len(row)] = row, True
+        labels = torch.where(mask, ids, torch.full_like(ids, -100))
+        labels[:, :2] = -100
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def _loader(self, shuffle: bool):
+        from torch.utils.data import DataLoader
+
+        return DataLoader(self.rows, batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate,
+                          generator=torch.Generator().manual_seed(1) if shuffle else None)
+
+    def train_dataloader(self):
+        return self._loader(shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader(shuffle=False)
+
+
+class PaddingScoringTask(CopyTask):
+    def collate(self, rows):
+        batch = super().collate(rows)
+        return {**batch, "labels": torch.where(batch["attention_mask"], batch["labels"], 0)}
+
+
+class OutOfVocabularyTask(CopyTask):
+    def collate(self, rows):
+        batch = super().collate(rows)
+        return {**batch, "input_ids": batch["input_ids"].masked_fill(~batch["attention_mask"], self.vocab_size)}
+
+
+class MaskPaddingMismatchTask(CopyTask):
+    def collate(self, rows):
+        batch = super().collate(rows)
+        mask = batch["attention_mask"].clone()
+        mask[:, -1] = False  # the longest row's last real token is marked as padding
+        return {**batch, "attention_mask": mask, "labels": batch["labels"].masked_fill(~mask, -100)}
+
+
+class ShuffledValidationTask(CopyTask):
+    def val_dataloader(self):
+        from torch.utils.data import DataLoader
+
+        return DataLoader(self.rows, batch_size=self.batch_size, shuffle=True, collate_fn=self.collate)
+
+
+def data_component(name: str, factory, requires=True) -> Component:
+    return Component(
+        kind="data", name=name, factory=factory, config=CopyOptions, summary=f"Deliberately broken: {name}.",
+        capabilities=Capabilities(requires={"objective": {"causal_lm"}} if requires else {}),
+    )
+
+
+def test_the_data_kit_passes_a_correct_task() -> None:
+    check_data_task(data_component("copy", CopyTask))
+
+
+BROKEN_DATA = {
+    "labels score padding": (data_component("padding_scoring", PaddingScoringTask), "labels score a padded position"),
+    "ids outside the vocabulary": (data_component("out_of_vocabulary", OutOfVocabularyTask), "outside [0, vocab_size"),
+    "mask and padding disagree": (data_component("mask_mismatch", MaskPaddingMismatchTask), "mask and padding disagree"),
+    "validation batches change": (data_component("shuffled_validation", ShuffledValidationTask), "repeatable validation"),
+    "no batch format declared": (data_component("undeclared", CopyTask, requires=False), "must require the batch format"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_DATA))
+def test_the_data_kit_catches_a_broken_task(case: str) -> None:
+    component, expected = BROKEN_DATA[case]
+    with pytest.raises(AssertionError) as failure:
+        check_data_task(component)
+    assert component.qualified_name in str(failure.value) and expected in str(failure.value), str(failure.value)
+
+
+class TokenObjective(Objective):
+    """Token cross-entropy over labels aligned with the hidden states, for subclasses to break."""
+
+    def __init__(self, config, ctx) -> None:
+        super().__init__()
+        self.head = nn.Linear(ctx.d_model, ctx.vocab_size)
+
+    def logits_of(self, hidden: Tensor) -> Tensor:
+        return self.head(hidden)
+
+    def forward(self, hidden: Tensor, batch) -> ObjectiveOutput:
+        labels = self.labels_of(batch)
+        loss = torch.nn.functional.cross_entropy(self.logits_of(hidden).flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return ObjectiveOutput(loss=loss, metrics={})
+
+    def labels_of(self, batch) -> Tensor:
+        return batch["labels"]
+
+
+class IgnoreIndexScoringObjective(TokenObjective):
+    """Scores the -100 positions as class 0."""
+
+    def labels_of(self, batch) -> Tensor:
+        return batch["labels"].clamp(min=0)
+
+
+class PaddingPoolingObjective(TokenObjective):
+    """Mixes the mean over every position, padding included, into each position's logits."""
+
+    def logits_of(self, hidden: Tensor) -> Tensor:
+        return self.head(hidden + hidden.mean(dim=1, keepdim=True))
+
+
+class SquashedLogitsObjective(TokenObjective):
+    """Logits squashed into ±0.01 (a temperature bug): the loss cannot fall."""
+
+    def logits_of(self, hidden: Tensor) -> Tensor:
+        return torch.tanh(self.head(hidden)) * 0.01
+
+
+def objective_component(name: str, cls) -> Component:
+    return Component(
+        kind="objective", name=name, factory=cls, config=NoOptions, summary=f"Deliberately broken: {name}.",
+        capabilities=Capabilities(provides={"causal_lm", "decoder"}, requires={"attention": {"causal"}}),
+    )
+
+
+COPY = data_component("copy", CopyTask)
+
+
+def test_the_objective_kit_passes_a_correct_objective() -> None:
+    check_objective_training(objective_component("token", TokenObjective), data=COPY)
+
+
+BROKEN_OBJECTIVES = {
+    "ignored labels are scored": (objective_component("ignore_scoring", IgnoreIndexScoringObjective), "padded positions are ignored"),
+    "padding reaches the loss": (objective_component("padding_pooling", PaddingPoolingObjective), "padded positions are ignored"),
+    "the loss cannot fall": (objective_component("squashed", SquashedLogitsObjective), "loss falls on a memorizable batch"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_OBJECTIVES))
+def test_the_objective_kit_catches_a_broken_objective(case: str) -> None:
+    component, expected = BROKEN_OBJECTIVES[case]
+    with pytest.raises(AssertionError) as failure:
+        check_objective_training(component, data=COPY)
+    assert component.qualified_name in str(failure.value) and expected in str(failure.value), str(failure.value)

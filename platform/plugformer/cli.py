@@ -1,4 +1,4 @@
-"""The ``plugformer`` command: ``train`` (Hydra), ``generate``, ``eval``, ``plugins`` and ``compare``."""
+"""The ``plugformer`` command: ``train`` (Hydra), ``generate``, ``eval``, ``plugins``, ``compare`` and ``new``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _add_generate(commands)
     _add_eval(commands)
+    _add_new(commands)
     _add_sweep(commands)
 
     if not args:
@@ -72,6 +73,10 @@ def _dispatch(parser: argparse.ArgumentParser, args: list[str]) -> int:
         out = write_wandb_sweep(Path(parsed.study), Path(parsed.out) if parsed.out else None, project=parsed.project)
         print(f"wrote {out}\n  start it with: wandb sweep {out}   then: wandb agent <the sweep id it prints>")
         return 0
+    if parsed.command == "new":
+        from plugformer.scaffold import new_plugin_command
+
+        return new_plugin_command(parsed.name, parsed.kind, parsed.dir)
     if parsed.command == "generate":
         from plugformer.model.generation import DecodingConfig
         from plugformer.prompting import generate_command
@@ -124,6 +129,18 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     cache.add_argument("--cache", dest="cache", action="store_true", default=None, help="decode with the attention state (default when supported)")
     cache.add_argument("--no-cache", dest="cache", action="store_false", help="recompute the whole sequence at every step")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+
+
+def _add_new(commands: argparse._SubParsersAction) -> None:
+    # The kinds are listed here rather than imported, so --help stays import-light;
+    # plugformer.scaffold.SCAFFOLD_KINDS is the same tuple (tests/test_scaffold.py checks).
+    kinds = ("attention", "position", "norm", "ffn", "objective", "data", "technique")
+    parser = commands.add_parser("new", help="start something new: plugformer new plugin <name> --kind <kind>")
+    what = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
+    plugin = what.add_parser("plugin", help="create a ready plugin package (entry point, component, tests, README)")
+    plugin.add_argument("name", help="the component's name, a lowercase identifier such as talking_heads")
+    plugin.add_argument("--kind", required=True, choices=kinds, help="the kind of component")
+    plugin.add_argument("--dir", default=None, help="folder to create the package in (default: the current folder)")
 
 
 def _add_eval(commands: argparse._SubParsersAction) -> None:

@@ -40,11 +40,14 @@ from plugformer.testing._support import Sizes, Subject, isolated
 from plugformer.testing.attention import check_attention
 from plugformer.testing.block import check_block
 from plugformer.testing.cross import check_cross_attention
+from plugformer.testing.data import check_data_task, small_data_config
+from plugformer.testing.objective import KitModel, check_objective_training, serving_data_tasks
 from plugformer.testing.probes import QKTransformProbe, RelativeTermsProbe, ScoreBiasProbe
 from plugformer.testing.position import check_position
 from plugformer.testing.sublayers import check_ffn, check_norm
 
 __all__ = [
+    "KitModel",
     "QKTransformProbe",
     "RelativeTermsProbe",
     "ScoreBiasProbe",
@@ -53,11 +56,15 @@ __all__ = [
     "check_block",
     "check_component",
     "check_cross_attention",
+    "check_data_task",
     "check_ffn",
     "check_norm",
     "check_objective",
+    "check_objective_training",
     "check_position",
     "check_registration",
+    "serving_data_tasks",
+    "small_data_config",
     "task_facts",
 ]
 
