@@ -143,6 +143,7 @@ def peak_mib(blocks_and_depths: list[tuple[str, int]]) -> list[float]:
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to read peak memory")
 def test_reversible_memory_grows_much_less_with_depth() -> None:
     standard_2, standard_6, reversible_2, reversible_6 = peak_mib(
