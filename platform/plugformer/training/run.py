@@ -20,11 +20,12 @@ from plugformer.api import build
 from plugformer.compatibility import Chosen
 from plugformer.config import optim_config
 from plugformer.errors import ConfigError, PluginError
-from plugformer.model.builder import choose_components, chosen_techniques
+from plugformer.memory import InsufficientMemoryError, check_memory
+from plugformer.model.builder import check_components, choose_components, chosen_techniques
 from plugformer.plugins import Plugins, blame_component, call_hook
 from plugformer.provenance import PROVIDERS_KEY, component_providers
 from plugformer.resume import CheckpointInfo, check_matches_checkpoint, read_checkpoint
-from plugformer.threads import apply_threads
+from plugformer.threads import apply_threads, processes_on_this_node
 from plugformer.training.callbacks import (
     LoggingStepAfterResume, MetricHistory, OnTrainStart, RunRecord, ThroughputMonitor, ValidateAtLastStep, final_metrics,
 )
@@ -59,6 +60,7 @@ class RunState:
     loggers: list[Any] = field(default_factory=list)
     hook_failure: Exception | None = None  # a run_summary hook that failed
     resumed: bool = False
+    memory: dict[str, Any] | None = None  # the memory preflight's estimate (bytes), see plugformer.memory
     # The metrics at the end of fit, kept when test_after_fit replaces Lightning's (val/* included).
     fit_metrics: dict[str, float] = field(default_factory=dict)
 
@@ -169,11 +171,18 @@ def _train(state: RunState, plugins: Plugins, ckpt_path: str | None, checkpoint:
     if ckpt_path is not None and checkpoint is None:
         checkpoint = read_checkpoint(Path(ckpt_path))
     threads = apply_threads(cfg)
-    if rank_zero_only.rank == 0:
-        print(f"plugformer: {threads}", flush=True)
     registry = plugins.registry
     chosen = choose_components(cfg, registry)  # names the missing distribution of a saved run
     state.components = {kind: c.name for kind, c in chosen.items()}
+    # Before data or model are built: a run that cannot fit stops here, with its estimate.
+    try:
+        estimate, memory = check_memory(cfg, chosen, check_components(cfg, chosen, registry), processes_on_this_node(cfg.get("trainer")))
+    except InsufficientMemoryError as refused:
+        state.memory = {**refused.estimate.as_dict(), "available_bytes": refused.available}
+        raise
+    state.memory = estimate.as_dict() if estimate is not None else None
+    if rank_zero_only.rank == 0:
+        print(f"plugformer: {threads}; {memory}", flush=True)
     state.providers = component_providers(c.component for c in chosen.values())
     built = build(cfg, plugins=plugins, run_dir=run_dir, chosen=chosen)
     state.plan = built.plan.describe()
@@ -282,6 +291,7 @@ def build_summary(state: RunState, plugins: Plugins, status: str, error: str | N
         "wall_time_s": round(time.time() - state.started, 3),
         "tokens_per_second": state.throughput.tokens_per_second if state.throughput is not None else None,
         "wandb_dir": str(wandb_dir) if wandb_dir else None,
+        "memory": state.memory,
         "extra": extra,
     }
     if error is not None:

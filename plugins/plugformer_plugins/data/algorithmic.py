@@ -184,5 +184,6 @@ COMPONENT = Component(
     config=AlgorithmicConfig,
     summary="Generated seq2seq pairs: copy, reverse or sort random symbol sequences.",
     reference="Graves et al. 2014, Neural Turing Machines (copy and sort tasks)",
-    capabilities=Capabilities(requires={"objective": {"seq2seq"}}),
+    # max_length: the longest sequence a batch holds (a target and its end token), for the memory preflight
+    capabilities=lambda c: Capabilities(requires={"objective": {"seq2seq"}}, max_length=c.max_length + 1),
 )

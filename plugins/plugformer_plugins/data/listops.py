@@ -264,5 +264,6 @@ COMPONENT = Component(
     summary="LRA ListOps: the value (10 classes) of nested MIN/MAX/MED/SM expressions.",
     reference="Tay et al. 2021, Long Range Arena: A Benchmark for Efficient Transformers; "
     "Nangia & Bowman 2018, ListOps",
-    capabilities=Capabilities(requires={"objective": {"classification"}}),
+    # max_length: the longest sequence a batch holds, for the memory preflight
+    capabilities=lambda c: Capabilities(requires={"objective": {"classification"}}, max_length=c.max_length),
 )

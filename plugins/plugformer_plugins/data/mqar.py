@@ -209,5 +209,6 @@ COMPONENT = Component(
     config=MQARConfig,
     summary="Zoology multi-query associative recall: recall each queried key's value.",
     reference="Arora et al. 2023, Zoology: Measuring and Improving Recall in Efficient Language Models",
-    capabilities=Capabilities(requires={"objective": {"causal_lm"}}),
+    # max_length: the longest sequence a batch holds, for the memory preflight
+    capabilities=lambda c: Capabilities(requires={"objective": {"causal_lm"}}, max_length=c.seq_len),
 )

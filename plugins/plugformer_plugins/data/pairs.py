@@ -247,5 +247,6 @@ COMPONENT = Component(
     config=PairsConfig,
     summary="Seq2seq pairs from local TSV or JSON-lines files, tokenized by characters or bytes.",
     reference="Sutskever et al. 2014, Sequence to Sequence Learning with Neural Networks",
-    capabilities=Capabilities(requires={"objective": {"seq2seq"}}),
+    # max_length: the longest sequence a batch holds (a target and its end token), for the memory preflight
+    capabilities=lambda c: Capabilities(requires={"objective": {"seq2seq"}}, max_length=c.max_length + 1),
 )

@@ -494,9 +494,10 @@ def check_config(config: TextConfig) -> None:
 
 def text_capabilities(config: TextConfig) -> Capabilities:
     """Packed token blocks for the objective; the special tokens the tokenizers declare
-    (``sentinel_tokens`` only when data.sentinel_tokens > 0)."""
+    (``sentinel_tokens`` only when data.sentinel_tokens > 0); ``max_length``: the block size
+    (for the memory preflight)."""
     provides = {"mask_token", "eos_token"} | ({"sentinel_tokens"} if config.sentinel_tokens > 0 else set())
-    return Capabilities(provides=provides, requires={"objective": {"token_blocks"}})
+    return Capabilities(provides=provides, requires={"objective": {"token_blocks"}}, max_length=config.block_size)
 
 
 def read_tokenizer(path: Path) -> TextTokenizer:
