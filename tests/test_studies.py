@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 
 import yaml
@@ -91,3 +92,25 @@ def test_a_study_without_a_sweep_is_refused(tmp_path: Path) -> None:
     study.write_text("defaults:\n  - train\n")
     result = run_cli("sweep", "wandb", str(study))
     assert result.returncode == 2 and "hydra.sweeper.params" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_slurm_dry_run_writes_one_script_per_job_that_runs_that_job(tmp_path: Path) -> None:
+    out = tmp_path / "slurm"
+    result = run_cli(
+        "sweep", "slurm", "--study", "sweeps/zoology_mqar.yaml", "--out", str(out), "model.d_model=32,64",
+        "trainer.devices=2", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    scripts = sorted(out.glob("job_*.sbatch"), key=lambda p: int(p.stem.split("_")[1]))
+    assert len(scripts) == 4 * 2  # the study's 4 mixers x the command line's 2 widths (replacing its 3)
+    text = scripts[-1].read_text()
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --ntasks-per-node=2", "#SBATCH --gpus-per-node=2", "#SBATCH --time=240"):
+        assert line in text, text
+    command = shlex.split(text.strip().splitlines()[-1])
+    train = command[command.index("plugformer") + 1 :]
+    assert "hydra.launcher.partition=gpu" not in train and "model.d_model=64" in train
+    assert "model.plan.attention=[short_conv,full]" in train and train[-1].startswith("run_dir=")
+    shown = run_cli(*train, "--cfg", "job")  # the script's job composes as written
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    job = yaml.safe_load(shown.stdout)
+    assert job["model"]["d_model"] == 64 and job["trainer"]["devices"] == 2

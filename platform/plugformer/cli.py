@@ -1,4 +1,4 @@
-"""The ``plugformer`` command: ``train`` (Hydra), ``generate``, ``eval``, ``plugins``, ``compare`` and ``new``."""
+"""The ``plugformer`` command: ``train`` (Hydra), ``generate``, ``eval``, ``plugins``, ``compare``, ``new`` and ``sweep``."""
 
 from __future__ import annotations
 
@@ -65,18 +65,26 @@ def _dispatch(parser: argparse.ArgumentParser, args: list[str]) -> int:
 
         eval_metrics = tuple(m.strip() for m in parsed.eval_metrics.split(",") if m.strip())
         return compare_command(parsed.paths, out=parsed.out, metric=parsed.metric, eval_metrics=eval_metrics)
+    if parsed.command == "new":
+        from plugformer.scaffold import new_plugin_command
+
+        return new_plugin_command(parsed.name, parsed.kind, parsed.dir)
     if parsed.command == "sweep":
         from pathlib import Path
 
+        if parsed.service == "slurm":
+            from plugformer.slurm import write_slurm_scripts
+
+            study = Path(parsed.study) if parsed.study else None
+            paths = write_slurm_scripts(parsed.overrides, study=study, out=Path(parsed.out) if parsed.out else None)
+            print(f"wrote {len(paths)} sbatch script(s) to {paths[0].parent} (nothing submitted):")
+            print("\n".join(f"  {path}" for path in paths))
+            return 0
         from plugformer.wandb_sweep import write_wandb_sweep
 
         out = write_wandb_sweep(Path(parsed.study), Path(parsed.out) if parsed.out else None, project=parsed.project)
         print(f"wrote {out}\n  start it with: wandb sweep {out}   then: wandb agent <the sweep id it prints>")
         return 0
-    if parsed.command == "new":
-        from plugformer.scaffold import new_plugin_command
-
-        return new_plugin_command(parsed.name, parsed.kind, parsed.dir)
     if parsed.command == "generate":
         from plugformer.model.generation import DecodingConfig
         from plugformer.prompting import generate_command
@@ -100,14 +108,6 @@ def _dispatch(parser: argparse.ArgumentParser, args: list[str]) -> int:
     return 2
 
 
-def _add_sweep(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("sweep", help="turn a study file into a W&B sweep: plugformer sweep wandb sweeps/<study>.yaml")
-    parser.add_argument("service", choices=["wandb"], help="the sweep service")
-    parser.add_argument("study", help="a study file (a Hydra primary config with hydra.sweeper.params)")
-    parser.add_argument("--out", default=None, help="the W&B sweep YAML to write (default: <study>.wandb.yaml)")
-    parser.add_argument("--project", default=None, help="the W&B project of the sweep")
-
-
 def _add_generate(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "generate", help="generate from a finished run: continue prompts, translate sources, fill <mask>s"
@@ -129,6 +129,19 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     cache.add_argument("--cache", dest="cache", action="store_true", default=None, help="decode with the attention state (default when supported)")
     cache.add_argument("--no-cache", dest="cache", action="store_false", help="recompute the whole sequence at every step")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+
+
+def _add_sweep(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("sweep", help="a study for W&B sweeps or SLURM: plugformer sweep wandb|slurm ...")
+    services = parser.add_subparsers(dest="service", metavar="SERVICE", required=True)
+    wandb = services.add_parser("wandb", help="write the W&B sweep YAML of a study file")
+    wandb.add_argument("study", help="a study file (a Hydra primary config with hydra.sweeper.params)")
+    wandb.add_argument("--out", default=None, help="the W&B sweep YAML to write (default: <study>.wandb.yaml)")
+    wandb.add_argument("--project", default=None, help="the W&B project of the sweep")
+    slurm = services.add_parser("slurm", help="write (not submit) the sbatch script of every job of a sweep")
+    slurm.add_argument("--study", default=None, help="a study file whose grid to use")
+    slurm.add_argument("--out", default=None, help="the scripts' folder (default: <sweep dir>/slurm)")
+    slurm.add_argument("overrides", nargs="*", help="train overrides, sweeps (a,b) included, hydra.launcher.* too")
 
 
 def _add_new(commands: argparse._SubParsersAction) -> None:
