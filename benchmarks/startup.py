@@ -86,9 +86,10 @@ def time_once(argv: list[str], first_line: bool, env: dict[str, str]) -> tuple[f
     return time.perf_counter() - started, _children_cpu() - cpu
 
 
-def measure(repeats: int, baseline: Path | None) -> dict[str, dict[str, list[tuple[float, float]]]]:
-    """command → {"now": [(wall s, cpu s), ...], "baseline": [...]} (baseline only with --baseline)."""
-    sources = {"now": None, **({"baseline": baseline} if baseline else {})}
+def measure(repeats: int, baseline: Path | None, source: Path | None = None) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """command → {"now": [(wall s, cpu s), ...], "baseline": [...]} (baseline only with --baseline);
+    "now" is the installed checkout, or ``source``."""
+    sources = {"now": source, **({"baseline": baseline} if baseline else {})}
     results: dict[str, dict[str, list[tuple[float, float]]]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name, (argv, first_line) in commands(str(Path(scratch) / "run")).items():
@@ -139,9 +140,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--baseline", type=Path, default=None, help="another checkout to time against (PYTHONPATH)")
+    parser.add_argument("--source", type=Path, default=None, help="time this checkout as 'now' (PYTHONPATH) instead of the installed one")
     parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     args = parser.parse_args()
-    results = measure(args.repeats, args.baseline)
+    results = measure(args.repeats, args.baseline, args.source)
     write_section(args.out.resolve(), section(results, args), START, END)
     print(f"wrote the start-up section of {args.out}")
 
