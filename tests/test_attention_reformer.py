@@ -104,6 +104,31 @@ def test_one_bucket_attends_within_the_chunk_and_the_previous_one(causal: bool) 
     torch.testing.assert_close(got, expected)
 
 
+def dense_lsh(module: LSHAttention, x: torch.Tensor, mask: torch.Tensor | None, causal: bool, chunk: int,
+              n_buckets: int, rounds: int) -> torch.Tensor:
+    """The bucket, chunk, causal, padding and self rules with explicit n×n masks, rounds
+    combined by softmax over their logsumexps."""
+    n = x.shape[1]
+    real = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool)
+    q, k, v = projections(module, x)
+    rotations = module.rotations(n_buckets, k)
+    outputs, lses = [], []
+    for r in range(rounds):
+        rotated = torch.einsum("bhnd,hdr->bhnr", k, rotations[r])
+        buckets = torch.cat([rotated, -rotated], -1).argmax(-1)  # (batch, heads, n)
+        same = buckets[..., :, None] == buckets[..., None, :]
+        # Rank of each token among the real tokens of its bucket, in sequence order.
+        member = same & real[:, None, None, :]
+        rank = (member & torch.tril(torch.ones(n, n, dtype=torch.bool), -1)).sum(-1)
+        distance = rank[..., :, None] // chunk - rank[..., None, :] // chunk
+        near = (distance == 0) | (distance == 1)
+        out, lse = dense_round(q, k, v, base_mask(n, causal, mask) & same & near)
+        outputs.append(out)
+        lses.append(lse)
+    weights = torch.softmax(torch.stack(lses), 0).nan_to_num(0.0)
+    return output(module, (torch.stack(outputs) * weights[..., None]).sum(0))
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_buckets_chunks_and_rounds_match_a_dense_reference(causal: bool) -> None:
     n, chunk, n_buckets, rounds = 24, 3, 4, 3
@@ -112,25 +137,27 @@ def test_buckets_chunks_and_rounds_match_a_dense_reference(causal: bool) -> None
     mask = padding(n)
     with torch.no_grad():
         got = module(x, mask=mask)
-        q, k, v = projections(module, x)
-        rotations = module.rotations(n_buckets, k)
-        outputs, lses = [], []
-        for r in range(rounds):
-            rotated = torch.einsum("bhnd,hdr->bhnr", k, rotations[r])
-            buckets = torch.cat([rotated, -rotated], -1).argmax(-1)  # (batch, heads, n)
-            same = buckets[..., :, None] == buckets[..., None, :]
-            # Rank of each token among the real tokens of its bucket, in sequence order.
-            member = same & mask[:, None, None, :]
-            rank = (member & torch.tril(torch.ones(n, n, dtype=torch.bool), -1)).sum(-1)
-            distance = rank[..., :, None] // chunk - rank[..., None, :] // chunk
-            near = (distance == 0) | (distance == 1)
-            out, lse = dense_round(q, k, v, base_mask(n, causal, mask) & same & near)
-            outputs.append(out)
-            lses.append(lse)
-        weights = torch.softmax(torch.stack(lses), 0).nan_to_num(0.0)
-        expected = output(module, (torch.stack(outputs) * weights[..., None]).sum(0))
+        expected = dense_lsh(module, x, mask, causal, chunk, n_buckets, rounds)
     real = mask[..., None]
     torch.testing.assert_close(got * real, expected * real)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_gradients_match_the_dense_reference(causal: bool) -> None:
+    """Including the gradient through the round weights (each round's logsumexp)."""
+    n, chunk, n_buckets, rounds = 20, 3, 4, 3
+    module = build(causal, n_buckets=n_buckets, chunk_size=chunk, n_hashes=rounds)
+    x = torch.randn(BATCH, n, D_MODEL, dtype=torch.float64)
+    weights = torch.randn(BATCH, n, D_MODEL, dtype=torch.float64)
+    params = list(module.parameters())
+    got = torch.autograd.grad((module(x.requires_grad_(True)) * weights).sum(), [x, *params], allow_unused=True)
+    x = x.detach().requires_grad_(True)
+    expected = torch.autograd.grad((dense_lsh(module, x, None, causal, chunk, n_buckets, rounds) * weights).sum(),
+                                   [x, *params], allow_unused=True)
+    for g, e in zip(got, expected):
+        if e is None:  # the unused key rows of key_value
+            continue
+        torch.testing.assert_close(g, e)
 
 
 def test_causal_with_many_buckets_is_exactly_causal() -> None:

@@ -176,14 +176,21 @@ class LSHAttention(Attention):
 
         scores = torch.matmul(q_slots * self.scale, k_window.transpose(-1, -2))
         scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+        # The finite fill gives keys outside ``allowed`` exactly zero weight; rows that see
+        # nothing get uniform weights and are zeroed at the output.
         scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.softmax(scores, dim=-1)
+        with torch.no_grad():
+            lse = torch.logsumexp(scores, dim=-1)
+        if self.n_hashes > 1 and scores.requires_grad:
+            # d logsumexp / d scores is the softmax: take the gradient through ``probs`` (kept
+            # anyway for the product with the values) rather than keep the scores twice more.
+            lse = lse + (probs.detach() * (scores - scores.detach())).sum(dim=-1)
         seen = allowed.any(dim=-1)
-        # Exactly zero weight outside ``allowed``; rows that see nothing return zeros.
-        weights = torch.exp(scores - lse[..., None]).masked_fill(~allowed, 0.0).to(v.dtype)
+        weights = probs.to(v.dtype)
         if self.training and self.dropout > 0:
             weights = F.dropout(weights, p=self.dropout)
-        out = torch.matmul(weights, v_window)
+        out = torch.matmul(weights, v_window).masked_fill(~seen[..., None], 0.0)
         lse = lse.masked_fill(~seen, torch.finfo(lse.dtype).min)
 
         slot_of_token = torch.empty_like(order).scatter_(-1, order, slot_sorted)
