@@ -134,8 +134,10 @@ class SparseAttention(Attention):
         joined = torch.cat([s.expand(*score_shape, -1) for s in scores], dim=-1)
         mask = torch.cat([a.expand(*mask_shape, -1) for a in allowed], dim=-1)
         # A finite fill gives masked keys exactly zero weight and rows without any visible key
-        # a uniform (not NaN) weight; those rows are zeroed at the output.
-        weights = torch.softmax(joined.masked_fill(~mask, torch.finfo(joined.dtype).min), dim=-1).to(dtype)
+        # a uniform (not NaN) weight; those rows are zeroed at the output. In place: ``joined``
+        # is a fresh tensor that no backward needs, so this saves a copy of all the scores.
+        joined.masked_fill_(~mask, torch.finfo(joined.dtype).min)
+        weights = torch.softmax(joined, dim=-1).to(dtype)
         if self.training and self.dropout > 0:
             weights = F.dropout(weights, p=self.dropout)
         return list(weights.split(sizes, dim=-1)), mask.any(dim=-1, keepdim=True)
