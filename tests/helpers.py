@@ -29,7 +29,12 @@ def plain_by_default(args: tuple[str, ...]) -> list[str]:
     own_config = any(a.startswith(("resume=", "--config-name", "-cn")) for a in args)
     if args[:1] != ("train",) or own_config:
         return list(args)
-    return ["train", "experiment=plain", *args[1:]]
+    # After leading flags (-m): Hydra wants the overrides together, and a later
+    # experiment= must still win.
+    at = 1
+    while at < len(args) and args[at].startswith("-"):
+        at += 1
+    return [*args[:at], "experiment=plain", *args[at:]]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, python: str | None = None, timeout: int = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
