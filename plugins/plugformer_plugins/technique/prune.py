@@ -251,6 +251,15 @@ class PruningCallback(pl.Callback):
     def __init__(self, technique: Prune) -> None:
         self.technique = technique
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.technique.structural and trainer.world_size > 1:
+            # Each rank would rank heads on its own batches and remove different ones.
+            raise ConfigError(
+                f"techniques.prune.heads/ffn_neurons remove parts in one process; this run has {trainer.world_size}.",
+                expected="trainer.devices=1 (and one node) for structured pruning",
+                fix="prune heads/neurons in a single-device run, or keep to unstructured pruning (sparsity) here",
+            )
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         technique = self.technique
