@@ -58,7 +58,7 @@ def test_importing_plugformer_imports_neither_torch_nor_lightning() -> None:
 def test_plugins_listing_and_help_stay_light() -> None:
     modules = imported_after(
         """
-        import contextlib, io, json
+        import contextlib, io, json, sys
         from plugformer.cli import main
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
@@ -70,6 +70,7 @@ def test_plugins_listing_and_help_stay_light() -> None:
         listed = json.loads(out.getvalue().split("\\nusage:")[0])
         assert {"attention", "position", "norm", "ffn", "block", "objective", "data"} <= {c["kind"] for c in listed}
         assert all("capabilities" in c for c in listed)
+        assert "hydra" not in sys.modules  # a listing stores no config groups
         """
     )
     assert modules == {}, f"imported (package: first importer): {modules}"

@@ -24,7 +24,7 @@ def component_record(component: Component) -> dict[str, Any]:
 
 
 def print_plugins(*, as_json: bool = False) -> None:
-    plugins = load_plugins()
+    plugins = load_plugins(store_configs=False)  # a listing needs no config groups (nor Hydra)
     records = [component_record(c) for c in plugins.registry.components()]
     if as_json:
         print(json.dumps(records, indent=2))

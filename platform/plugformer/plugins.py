@@ -212,8 +212,9 @@ def _registering(provider: Provider) -> Iterator[None]:
         ) from error
 
 
-def load_plugins(extra: dict[str, Any] | None = None) -> Plugins:
-    """Load every selected entry point of the ``plugformer`` group and register its components.
+def load_plugins(extra: dict[str, Any] | None = None, *, store_configs: bool = True) -> Plugins:
+    """Load every selected entry point of the ``plugformer`` group and register its components
+    (and, unless ``store_configs`` is False, their config groups in Hydra's ConfigStore).
 
     ``extra`` adds plugin objects by name (for tests and embedding). A plugin that fails to
     import or to register raises :class:`PluginError` naming its distribution and how to
@@ -242,7 +243,7 @@ def load_plugins(extra: dict[str, Any] | None = None) -> Plugins:
         manager.register(plugin, name=name)
         providers[name] = Provider(plugin=name, distribution="<in-process>", version="")
 
-    registry = Registry()
+    registry = Registry(store_configs=store_configs)
     registry.start_loading()
     for impl in manager.hook.register_components.get_hookimpls():
         provider = providers[manager.get_name(impl.plugin)]

@@ -12,12 +12,13 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
-
-from hydra.core.config_store import ConfigStore
+from typing import TYPE_CHECKING, Any
 
 from plugformer.capabilities import Capabilities
 from plugformer.errors import PluginError, UnknownComponentError
+
+if TYPE_CHECKING:
+    from hydra.core.config_store import ConfigStore
 
 KINDS = ("attention", "position", "norm", "ffn", "block", "objective", "data", "technique")
 
@@ -133,10 +134,17 @@ class Registry:
     :class:`RegistryView` of it, which can add components but not look any up, so no plugin
     can depend on the order plugins load in."""
 
-    def __init__(self, config_store: ConfigStore | None = None) -> None:
+    def __init__(self, config_store: ConfigStore | None = None, *, store_configs: bool = True) -> None:
+        """``store_configs=False``: keep the components only, without Hydra's ConfigStore (for
+        listings such as ``plugformer plugins``, which need no config groups and start faster
+        without importing Hydra)."""
         self._components: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
         self._provider = UNKNOWN_PROVIDER
-        self._config_store = config_store if config_store is not None else ConfigStore.instance()
+        if config_store is None and store_configs:
+            from hydra.core.config_store import ConfigStore
+
+            config_store = ConfigStore.instance()
+        self._config_store = config_store
         self.loading = False
         self._after_loading: list[tuple[RegistryView, Callable[[RegistryView], None]]] = []
 
@@ -193,6 +201,8 @@ class Registry:
             )
         node = config_node(component)  # refuses a bad config before anything is stored
         self._components[component.kind][component.name] = component
+        if self._config_store is None:
+            return component
         package = f"techniques.{component.name}" if component.kind == "technique" else None
         self._config_store.store(group=component.group, name=component.name, node=node, package=package)
         if component.kind == "attention":

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig
 from torch import nn
 
 if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
     from plugformer.api import LoadedRun
     from plugformer.plugins import Plugins
     from plugformer.registry import Registry

@@ -2,8 +2,6 @@
 
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from plugformer import RegistryView, hookimpl
 from plugformer_plugins.ffn import glu, mlp, moe
 
@@ -19,6 +17,8 @@ def register_components(registry: RegistryView) -> None:
 def lightning_callbacks(cfg: Any) -> list[Any] | None:
     """The expert metrics (``val/moe/...``, see :mod:`moe_metrics`) when the model config
     names the moe ffn anywhere (``model/ffn=moe``, a layer plan, a single layer)."""
+    from omegaconf import OmegaConf
+
     model = cfg.get("model") if hasattr(cfg, "get") else None
     if OmegaConf.is_config(model):
         model = OmegaConf.to_container(model)

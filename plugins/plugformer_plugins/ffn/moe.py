@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from plugformer import (
@@ -251,6 +250,8 @@ def expert_choice(registry: Registry | RegistryView, config: MoEConfig) -> tuple
             expected=f"one of: {', '.join(n for n in registry.names('ffn') if n != 'moe')}",
             fix="set model.ffn.expert=<name>",
         ) from error
+    from omegaconf import OmegaConf  # when a model is built, not when plugins load
+
     options = OmegaConf.to_container(config.expert_options) if OmegaConf.is_config(config.expert_options) else dict(config.expert_options or {})
     try:
         expert_config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(component.config), options))
