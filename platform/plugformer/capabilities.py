@@ -10,7 +10,9 @@ Flags in use by the built-ins (plugins may add their own):
   ``key_padding_mask``, ``score_bias`` (adds a position's bias to explicit scores),
   ``qk_transform`` (applies a position's query/key transform), ``relative_terms`` (applies a
   position's content-dependent relative scores and values), ``incremental_decoding``
-  (decoding with its state equals a full forward; the kit checks it), ``cross_attention``.
+  (decoding with its state equals a full forward; the kit checks it), ``cross_attention``,
+  ``ignores_positions`` (a sequence mixer that orders tokens by itself: the position's
+  requirements on the attention and its per-layer terms skip that layer of a plan).
 - position provides ``input_embedding``, ``qk_transform``, ``score_bias`` or
   ``relative_terms`` and requires the matching flag from the attention; it provides
   ``length_extrapolation`` when it has no per-position parameters, so positions beyond the
@@ -34,7 +36,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-COST_CLASSES = ("quadratic", "linear", "n·w", "n·log n")
+COST_CLASSES = ("quadratic", "n·√n", "n·log n", "n·w", "linear")
 
 #: The flags the built-ins provide or require (the list above). A plugin may add its own; a
 #: new flag that is *close* to one of these (difflib ratio ≥ :data:`MISSPELLING_CUTOFF`) is

@@ -103,9 +103,9 @@ COMPONENT = Component(
     config=FixedSparseConfig,
     summary="Sparse Transformer fixed pattern: within blocks of l plus the last c positions of every block, in O(n·(l + c·n/l)).",
     reference="Child et al. 2019, Generating Long Sequences with Sparse Transformers",
-    # No cost class: n·(l + c·n/l) is O(n·√n) with l ≈ √n, which plugformer's cost classes
-    # (quadratic, linear, n·w, n·log n) do not name; unset rather than misclassified.
     capabilities=Capabilities(
         provides={"causal", "bidirectional", "key_padding_mask", "score_bias", "qk_transform", "relative_terms", "incremental_decoding"},
+        # n·(l + c·n/l) keys per sequence: O(n·√n) with the paper's l ≈ √n, not linear.
+        cost="n·√n",
     ),
 )

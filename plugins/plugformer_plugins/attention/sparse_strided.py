@@ -97,9 +97,9 @@ COMPONENT = Component(
     config=StridedSparseConfig,
     summary="Sparse Transformer strided pattern: the previous l positions and every l-th one, blockwise in O(n·(l + n/l)).",
     reference="Child et al. 2019, Generating Long Sequences with Sparse Transformers",
-    # No cost class: n·(l + n/l) is O(n·√n) with l ≈ √n, which plugformer's cost classes
-    # (quadratic, linear, n·w, n·log n) do not name; unset rather than misclassified.
     capabilities=Capabilities(
         provides={"causal", "bidirectional", "key_padding_mask", "score_bias", "qk_transform", "relative_terms", "incremental_decoding"},
+        # n·(l + n/l) keys per sequence: O(n·√n) with the paper's l ≈ √n, not linear.
+        cost="n·√n",
     ),
 )
