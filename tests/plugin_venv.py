@@ -28,6 +28,10 @@ def create_venv(root: Path) -> Path:
     parents = [p for p in site.getsitepackages() + [sysconfig.get_paths()["purelib"]] if Path(p).is_dir()]
     lines = "".join(f"import site; site.addsitedir({p!r})\n" for p in dict.fromkeys(parents))
     (Path(purelib) / "_parent_site_packages.pth").write_text(lines)
+    # The venv's own setuptools (ensurepip's, too old to build wheels without the wheel
+    # package) would shadow this interpreter's, which a `pip install -e .` in the venv
+    # (offline, without build isolation) then builds with.
+    subprocess.run([str(python), "-m", "pip", "uninstall", "--quiet", "--yes", "setuptools"], check=True, capture_output=True)
     install(python, REPO, root)
     return python
 
