@@ -30,7 +30,7 @@ def import_generated(folder: Path, package: str):
 @pytest.mark.parametrize("kind", SCAFFOLD_KINDS)
 def test_every_kind_generates_a_conforming_component(kind: str, tmp_path: Path) -> None:
     name = f"scaffolded_{kind}"
-    folder = create_plugin(name, kind, tmp_path)
+    folder = create_plugin(name, kind, tmp_path, check_installed=False)
     assert folder == tmp_path / f"plugformer-scaffolded-{kind}"
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     assert files == ["README.md", f"plugformer_{name}/__init__.py", "pyproject.toml", f"tests/test_{name}.py"]
@@ -64,6 +64,14 @@ def test_a_bad_name_is_refused_with_the_fix(bad: str, tmp_path: Path) -> None:
     message = str(error.value)
     assert "cannot name a plugin" in message and "Expected:" in message and "Fix: plugformer new plugin" in message
     assert not any(tmp_path.iterdir())
+
+
+def test_a_name_an_installed_plugin_registers_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ScaffoldError) as error:
+        create_plugin("full", "attention", tmp_path)
+    assert "already registered by plugformer" in str(error.value) and "Fix: plugformer new plugin my_full" in str(error.value)
+    assert not any(tmp_path.iterdir())
+    assert create_plugin("full", "norm", tmp_path).is_dir()  # names are per kind
 
 
 def test_an_existing_folder_is_never_overwritten(tmp_path: Path) -> None:
@@ -129,6 +137,24 @@ def test_the_generated_plugin_passes_its_own_tests_and_the_pytest_plugin(author:
         [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "--plugformer-conformance", "--collect-only"],
         capture_output=True, text=True, cwd=project, env=venv_env(python), timeout=600,
     ).stdout
+
+
+@pytest.mark.slow
+def test_the_fixture_lists_a_named_distributions_components(author: tuple[Path, Path], tmp_path: Path) -> None:
+    """From another folder, --plugformer-conformance=<distribution> picks the distribution;
+    the plugformer_components fixture lists its components."""
+    python, _ = author
+    (tmp_path / "test_fixture.py").write_text(
+        "def test_components(plugformer_components):\n"
+        f"    assert [c.qualified_name for c in plugformer_components] == ['attention:{NAME}']\n"
+    )
+    result = subprocess.run(
+        [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "--rootdir", str(tmp_path),
+         "--plugformer-conformance=plugformer_scaffold_probe", "-k", "components", str(tmp_path)],
+        capture_output=True, text=True, cwd=tmp_path, env=venv_env(python), timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "1 passed" in result.stdout and "deselected" in result.stdout, result.stdout[-2000:]
 
 
 @pytest.mark.slow

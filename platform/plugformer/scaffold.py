@@ -158,10 +158,36 @@ def plugin_files(names: PluginNames, summary: str | None = None) -> dict[str, st
     }
 
 
-def create_plugin(name: str, kind: str, directory: str | Path = ".", *, summary: str | None = None) -> Path:
+def check_not_registered(name: str, kind: str) -> None:
+    """Raise :class:`ScaffoldError` when an installed plugin already registers ``kind``
+    ``name`` (the new plugin would stop every run with a name clash). Loads the installed
+    plugins; if one of them fails to load, the check is skipped (that failure is reported
+    by every other command)."""
+    from plugformer.errors import PluginError
+    from plugformer.plugins import load_plugins
+
+    try:
+        registry = load_plugins().registry
+    except PluginError:
+        return
+    taken = {c.name: c for c in registry.components(kind)}
+    if name in taken:
+        provider = taken[name].provider
+        raise ScaffoldError(
+            f"The {kind} {name!r} is already registered by {provider.distribution} {provider.version}; "
+            "a second one would stop every run with a name clash.",
+            expected=f"a {kind} name no installed plugin uses (plugformer plugins lists them)",
+            fix=f"plugformer new plugin my_{name} --kind {kind}",
+        )
+
+
+def create_plugin(
+    name: str, kind: str, directory: str | Path = ".", *, summary: str | None = None, check_installed: bool = True
+) -> Path:
     """Write the package for plugin ``name`` of ``kind`` into ``<directory>/<distribution>``
-    and return that folder. Refuses (:class:`ScaffoldError`) a bad name or kind and a folder
-    that already exists; writes nothing then."""
+    and return that folder. Refuses (:class:`ScaffoldError`) a bad name or kind, a name an
+    installed plugin already registers for that kind (``check_installed``), and a folder that
+    already exists; writes nothing then."""
     names = PluginNames.for_name(name, kind)
     target = Path(directory) / names.distribution
     if target.exists():
@@ -170,6 +196,8 @@ def create_plugin(name: str, kind: str, directory: str | Path = ".", *, summary:
             expected="a folder that does not exist yet",
             fix=f"choose another name, pass --dir with another folder, or remove {target}",
         )
+    if check_installed:
+        check_not_registered(name, kind)
     files = plugin_files(names, summary)
     for relative, content in files.items():
         path = target / relative
