@@ -33,15 +33,13 @@ import json
 import os
 import platform as host  # the standard-library module; never the project's platform/ folder
 import re
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from _report import write_section  # noqa: E402
+from _report import measure_pass, write_section  # noqa: E402
+from _report import run_worker as run_measurement  # noqa: E402
 D_MODEL, HEADS, BATCH = 256, 4, 1
 #: LRA (Tay et al. 2021), Table 2: steps per second relative to the vanilla Transformer at 4K.
 LRA_SPEEDUP_4K = {"local": 5.3, "linformer": 5.5, "linear": 5.6, "performer": 5.7, "reformer": 0.8, "bigbird": 1.1}
@@ -51,13 +49,6 @@ START, END = "<!-- attention-scaling:start -->", "<!-- attention-scaling:end -->
 
 
 # --- worker: one measurement in a fresh process -------------------------------------------
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def registered_attentions() -> list[str]:
@@ -102,38 +93,15 @@ def measure(variant: str, length: int, device: str, repeats: int, threads: int |
         if device == "cuda":
             torch.cuda.synchronize()
 
-    step()  # warm-up: lazy initialization, kernel selection, thread pools
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set size
-        before = _status_kib("VmRSS")
-        step()
-        peak = (_status_kib("VmHWM") - before) * 1024
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return {"time_ms": 1000 * statistics.median(times), "memory_mib": peak / 2**20}
+    return measure_pass(step, device, repeats)
 
 
 # --- driver --------------------------------------------------------------------------------
 
 
 def run_worker(variant: str, length: int, device: str, repeats: int, threads: int | None, causal: bool) -> dict | None:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     spec = {"variant": variant, "length": length, "device": device, "repeats": repeats, "threads": threads, "causal": causal}
-    done = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env, cwd=REPO
-    )
-    if done.returncode != 0:
-        print(f"  {device} {variant} {length}: failed\n{done.stderr[-1500:]}", file=sys.stderr)
-        return None
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_measurement(__file__, spec, REPO)
 
 
 def machine(threads: int | None) -> dict:

@@ -31,14 +31,13 @@ import argparse
 import datetime
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import write_section  # noqa: E402
+from _report import measure_pass, write_section  # noqa: E402
+from _report import run_worker as run_measurement  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 D_MODEL, HEADS = 256, 4
@@ -52,13 +51,6 @@ READING = (
     "is against attention that materializes n×n scores (an explicit mask, as with padding, see \"Attention "
     "scaling\"), and it combines with reversible layers, which keep one layer's attention activations at a time."
 )
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def measure(spec: dict) -> dict:
@@ -104,35 +96,12 @@ def measure(spec: dict) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    step()  # warm-up: lazy initialization, kernel selection, thread pools
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set size
-        before = _status_kib("VmRSS")
-        step()
-        peak = (_status_kib("VmHWM") - before) * 1024
-    times = []
-    for _ in range(spec.get("repeats", 3)):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return {"memory_mib": peak / 2**20, "time_ms": 1000 * statistics.median(times) if times else None}
+    return measure_pass(step, device, spec.get("repeats", 3))
 
 
 def run_worker(spec: dict) -> dict | None:
     """``measure(spec)`` in a fresh process (no allocator state carried over); None if it failed."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    done = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env, cwd=REPO
-    )
-    if done.returncode != 0:
-        print(f"  {spec}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_measurement(__file__, spec, REPO)
 
 
 def _cell(result: dict | None, metric: str) -> str:
