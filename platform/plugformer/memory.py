@@ -20,7 +20,8 @@ The estimate, in bytes, per training process:
   dropped copy) plus two score matrices in flight during one layer's backward; otherwise
   SDPA's fused kernels (flash on CPU, memory-efficient on GPU) take the key padding mask
   without the scores (measured with torch 2.13 on CPU: 64 MiB of scores, 4 MiB kept), and
-  only the batch × n × n boolean mask of a padded batch stays per layer. ``n·w`` keeps
+  only the batch × n × n boolean mask of a padded batch stays per layer. ``n·w`` (and
+  ``n·√n``, w = √n unless the config has a ``window`` or ``block_size``) keeps
   batch × heads × n × 2w (``window`` from its config), ``linear`` and ``n·log n`` a few
   values per token. An attention that declares no cost class is counted as quadratic. A
   cross-attention is counted like a self-attention over the source.
@@ -128,8 +129,9 @@ def _attention_bytes(attention: Any, b: int, n: int, d: int, heads: int, padded:
         scores = b * heads * n * n
         note = f"{attention.name}: batch {b} × {heads} heads × {n}² scores per layer (dropout on CPU)"
         return scores * 9 + mask, scores * 8, note
-    if cost == "n·w":
-        window = min(n, int(_option(attention.config, "window", "block_size") or 128))
+    if cost in ("n·w", "n·√n"):  # a window of w keys, or about √n keys (sparse block patterns)
+        default = math.isqrt(n) if cost == "n·√n" else 128
+        window = min(n, int(_option(attention.config, "window", "block_size") or default))
         scores = b * heads * n * 2 * window
         kept = scores * (9 if dropout else 4)
         return kept + mask, 2 * scores * 4, f"{attention.name}: batch {b} × {heads} heads × {n} × 2·{window} per layer"
