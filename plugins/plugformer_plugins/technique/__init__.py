@@ -3,13 +3,12 @@ distillation from a finished run), ``prune`` (magnitude and structured pruning) 
 ``quantize`` (dynamic int8 and quantization-aware training). Each is enabled with
 ``+technique=<name>``; see docs/compression.md.
 
-Every module of this package that defines ``COMPONENT`` is registered; helper modules
-(losses, layer recorders, measurements) define none."""
+The three component modules are registered; the Lightning callbacks live in modules of their
+own (``*_callback``, ``report_settings``), imported when a run starts, so that listing plugins
+never imports Lightning."""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any
 
 from plugformer import hookimpl
@@ -17,17 +16,17 @@ from plugformer import hookimpl
 
 @hookimpl
 def register_components(registry: Any) -> None:
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        if hasattr(module, "COMPONENT"):
-            registry.add(module.COMPONENT)
+    from plugformer_plugins.technique import distill, prune, quantize
 
+    for module in (distill, prune, quantize):
+        registry.add(module.COMPONENT)
 
 
 @hookimpl
 def lightning_callbacks(cfg: Any) -> list[Any]:
     """Carries the report's setting ``report.latency_batches`` to :func:`run_summary`."""
-    from plugformer_plugins.technique.report import DEFAULT_LATENCY_BATCHES, ReportSettings
+    from plugformer_plugins.technique.report import DEFAULT_LATENCY_BATCHES
+    from plugformer_plugins.technique.report_settings import ReportSettings
 
     options = cfg.get("report") if hasattr(cfg, "get") else None
     count = options.get("latency_batches", DEFAULT_LATENCY_BATCHES) if options is not None else DEFAULT_LATENCY_BATCHES
@@ -39,7 +38,8 @@ def run_summary(trainer: Any, module: Any) -> dict[str, Any] | None:
     """The per-run report (:mod:`report`) for every run: parameters, non-zero parameters,
     bytes on disk, CPU latency per token over ``report.latency_batches`` validation batches
     (default 2; 0 turns the timing off)."""
-    from plugformer_plugins.technique.report import DEFAULT_LATENCY_BATCHES, ReportSettings, run_report
+    from plugformer_plugins.technique.report import DEFAULT_LATENCY_BATCHES, run_report
+    from plugformer_plugins.technique.report_settings import ReportSettings
 
     model = getattr(module, "model", None)
     if model is None:

@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.ao import quantization as tq
 from torch.ao.nn.qat import dynamic as qat_dynamic
@@ -110,7 +108,9 @@ class Quantize:
             prepare_qat(model, self.config.include_head)
 
     @hookimpl
-    def lightning_callbacks(self, cfg: Any) -> list[pl.Callback]:
+    def lightning_callbacks(self, cfg: Any) -> list[Any]:
+        from plugformer_plugins.technique.quantize_callback import QuantizationReport  # imports Lightning
+
         return [QuantizationReport(self)]
 
     @hookimpl
@@ -136,35 +136,13 @@ class Quantize:
         report["threads"] = torch.get_num_threads()
         report["qat"] = self.config.qat
         self.report = report
+        from lightning.pytorch.utilities import rank_zero_only  # loaded: called while training
+
         if rank_zero_only.rank == 0:
             (self.run_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
             if self.config.save_model:
                 torch.save(quantized.state_dict(), self.run_dir / INT8_MODEL_FILE)
         return report
-
-
-class QuantizationReport(pl.Callback):
-    """When fitting ends, evaluates the int8 model on the first validation batches (prepared
-    by the objective in eval mode, so masked-LM noise is the seeded validation noise)."""
-
-    def __init__(self, technique: Quantize) -> None:
-        self.technique = technique
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if rank_zero_only.rank != 0 or trainer.datamodule is None:
-            return
-        model = pl_module.model
-        was_training = model.training
-        model.eval()
-        batches = []
-        with torch.no_grad():
-            for batch in trainer.datamodule.val_dataloader():
-                batches.append(measure.to_cpu(model.objective.prepare_batch(measure.to_cpu(batch))))
-                if len(batches) >= self.technique.config.eval_batches:
-                    break
-        model.train(was_training)
-        if batches:
-            self.technique.evaluate(batches)
 
 
 COMPONENT = Component(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
@@ -17,14 +16,6 @@ from plugformer_plugins.technique import measure
 #: The report's names, in the order ``plugformer compare`` shows them.
 REPORT_KEYS = ("report/params", "report/nonzero_params", "report/model_bytes", "report/cpu_latency_per_token_s")
 DEFAULT_LATENCY_BATCHES = 2
-
-
-class ReportSettings(pl.Callback):
-    """Does nothing in the loop; carries ``report.latency_batches`` from the run's config to
-    the ``run_summary`` hook, which sees only the trainer."""
-
-    def __init__(self, latency_batches: int) -> None:
-        self.latency_batches = latency_batches
 
 
 def effective_parameters(model: nn.Module) -> list[Tensor]:
