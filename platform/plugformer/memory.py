@@ -121,7 +121,8 @@ def _activation_bytes(device: str, cfg: Any) -> int:
 def _attention_bytes(attention: Any, b: int, n: int, d: int, heads: int, padded: bool, dropout: bool, device: str) -> tuple[int, int, str]:
     """(kept for backward, in flight during one layer's backward, note) for one layer."""
     cost = attention.component.capabilities_for(attention.config).cost or "quadratic"
-    mask = b * n * n if padded else 0  # the (batch, 1, n, n) boolean mask SDPA keeps per layer
+    # The (batch, 1, n, n) boolean mask SDPA keeps per layer; sub-quadratic attentions build none.
+    mask = b * n * n if padded and cost == "quadratic" else 0
     if cost == "quadratic" and dropout and device == "cpu":
         # SDPA's explicit path (CPU's fused kernel takes no dropout): the scores, their
         # softmax, the dropout mask and the dropped copy; 13 bytes a score at the forward's
@@ -131,7 +132,7 @@ def _attention_bytes(attention: Any, b: int, n: int, d: int, heads: int, padded:
         return scores * 9 + mask, scores * 8, note
     if cost in ("n·w", "n·√n"):  # a window of w keys, or about √n keys (sparse block patterns)
         default = math.isqrt(n) if cost == "n·√n" else 128
-        window = min(n, int(_option(attention.config, "window", "block_size") or default))
+        window = min(n, int(_option(attention.config, "window", "block_size", "stride", "block") or default))
         scores = b * heads * n * 2 * window
         kept = scores * (9 if dropout else 4)
         return kept + mask, 2 * scores * 4, f"{attention.name}: batch {b} × {heads} heads × {n} × 2·{window} per layer"
