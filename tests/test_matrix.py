@@ -31,8 +31,11 @@ def task_for(attention: str) -> list[str]:
 
 
 def compatible(attention: str, position: str) -> bool:
+    """The attention provides what the position needs, or orders tokens itself
+    (``ignores_positions``: the position's terms skip its layers)."""
     needs = REGISTRY.get("position", position).capabilities_for().requires.get("attention", frozenset())
-    return needs <= REGISTRY.get("attention", attention).capabilities_for().provides
+    provides = REGISTRY.get("attention", attention).capabilities_for().provides
+    return needs <= provides or "ignores_positions" in provides
 
 
 @pytest.mark.parametrize(("attention", "position"), PAIRS, ids=[f"{a}-{p}" for a, p in PAIRS])

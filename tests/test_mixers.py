@@ -90,7 +90,7 @@ def test_the_state_reorders_detaches_and_resets_rows() -> None:
 
 def test_hybrid_plans_decode_with_their_state_as_without() -> None:
     for plan in ("[short_conv,full]", "[token_shift,local]"):
-        built = plugformer.build(plugformer.compose([*TINY, "model/position=learned", f"model.plan.attention={plan}",
+        built = plugformer.build(plugformer.compose([*TINY, "model/position=learned", "model.position.max_length=32", f"model.plan.attention={plan}",
                                                      "+model.plan.options.attention.local.window=3"]))
         model = built.model.eval()
         torch.manual_seed(0)
