@@ -64,6 +64,21 @@ def supports(variant: str, causal: bool) -> bool:
     return ("causal" if causal else "bidirectional") in component.capabilities_for().provides
 
 
+def config_for_length(config_class: type, length: int) -> object:
+    """The default config, with a declared maximum length raised to ``length`` (Linformer's and
+    the Synthesizer's ``max_length``, Sinkhorn's ``max_blocks``): everything else as published."""
+    import dataclasses
+    import math
+
+    names = {f.name for f in dataclasses.fields(config_class)}
+    config = config_class()
+    if "max_length" in names and config.max_length < length:
+        config = dataclasses.replace(config, max_length=length)
+    if {"max_blocks", "block_size"} <= names and config.max_blocks * config.block_size < length:
+        config = dataclasses.replace(config, max_blocks=math.ceil(length / config.block_size))
+    return config
+
+
 def measure(variant: str, length: int, device: str, repeats: int, threads: int | None, causal: bool) -> dict:
     import torch
 
@@ -78,7 +93,7 @@ def measure(variant: str, length: int, device: str, repeats: int, threads: int |
     ctx = BuildContext(
         d_model=D_MODEL, n_heads=HEADS, n_layers=1, dropout=0.0, causal=causal, max_length=length, vocab_size=1
     )
-    attention = component.factory(component.config(), ctx).to(device)
+    attention = component.factory(config_for_length(component.config, length), ctx).to(device)
     x = torch.randn(BATCH, length, D_MODEL, device=device, requires_grad=True)
     grad = torch.randn(BATCH, length, D_MODEL, device=device)
     mask = None
@@ -264,7 +279,9 @@ def section(all_results: dict, args: argparse.Namespace, info: dict, out: Path, 
         "",
         f"One forward+backward pass of a single {mode} attention layer (d_model={D_MODEL}, {HEADS} heads of "
         f"{D_MODEL // HEADS}, batch {BATCH}), every registered attention built with its default config "
-        "(`plugformer plugins` lists them; docs/attention.md has each one's settings). full is "
+        "(`plugformer plugins` lists them; docs/attention.md has each one's settings; a declared maximum "
+        "length, Linformer's and the Synthesizer's `max_length` and Sinkhorn's `max_blocks`, raised to the "
+        "measured length). full is "
         "`scaled_dot_product_attention` (a fused kernel that never forms the n×n matrix); full+mask is the "
         "same component given a key padding mask with one padded token, as in a padded batch, which takes "
         f"the explicit-mask path. Time: median of {args.repeats} passes after one warm-up. Memory on CPU: how "
