@@ -26,6 +26,17 @@ collect_ignore_glob = ["fixtures/*"]
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def no_shared_wandb_service():
+    """A W&B run in a test's own process starts a W&B service and names it in WANDB_SERVICE;
+    the runs that later tests start in subprocesses would inherit it and share that service,
+    so a run killed there (a resume test) would leave its id "in use" for the resume. Every
+    test starts without it."""
+    os.environ.pop("WANDB_SERVICE", None)
+    yield
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 @pytest.fixture(scope="session")
 def plugins() -> Plugins:
     return load_plugins()
