@@ -16,8 +16,9 @@ from pathlib import Path
 from helpers import REPO
 
 
-def create_venv(root: Path) -> Path:
-    """A venv in ``root/venv`` with plugformer's wheel installed; returns its python."""
+def linked_venv(root: Path) -> Path:
+    """An empty venv in ``root/venv`` that sees this interpreter's site-packages (torch and
+    the other dependencies, never downloaded); returns its python."""
     env_dir = root / "venv"
     venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"
@@ -28,6 +29,12 @@ def create_venv(root: Path) -> Path:
     parents = [p for p in site.getsitepackages() + [sysconfig.get_paths()["purelib"]] if Path(p).is_dir()]
     lines = "".join(f"import site; site.addsitedir({p!r})\n" for p in dict.fromkeys(parents))
     (Path(purelib) / "_parent_site_packages.pth").write_text(lines)
+    return python
+
+
+def create_venv(root: Path) -> Path:
+    """A venv in ``root/venv`` with plugformer's wheel installed; returns its python."""
+    python = linked_venv(root)
     # The venv's own setuptools (ensurepip's, too old to build wheels without the wheel
     # package) would shadow this interpreter's, which a `pip install -e .` in the venv
     # (offline, without build isolation) then builds with.

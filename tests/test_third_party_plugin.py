@@ -6,16 +6,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import site
 import subprocess
-import sys
-import sysconfig
-import venv
 from pathlib import Path
 
 import pytest
 
 from helpers import FAST, REPO, read_summary, run_cli
+from plugin_venv import install, linked_venv
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OTHERS_OFF = {"PLUGFORMER_DISABLE_PLUGINS": "broken,clash"}
@@ -26,27 +23,9 @@ def plugin_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A venv (with --system-site-packages, plus this interpreter's site-packages so torch is
     reused) holding a non-editable install of plugformer and the three fixture plugins."""
     root = tmp_path_factory.mktemp("plugin_env")
-    env_dir = root / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
-    python = env_dir / "bin" / "python"
-    purelib = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()
-    parents = [p for p in site.getsitepackages() + [sysconfig.get_paths()["purelib"]] if Path(p).is_dir()]
-    lines = "".join(f"import site; site.addsitedir({p!r})\n" for p in dict.fromkeys(parents))
-    (Path(purelib) / "_parent_site_packages.pth").write_text(lines)
-    # Wheels are built with this interpreter's setuptools, then installed like any package.
-    wheels = root / "wheels"
+    python = linked_venv(root)
     for project in (REPO, *(FIXTURES / name for name in ("toy_plugin", "broken_plugin", "clashing_plugin"))):
-        subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(project)],
-            check=True, capture_output=True, cwd=root,
-        )
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", *map(str, wheels.glob("*.whl"))],
-        check=True, capture_output=True, cwd=root,
-    )
+        install(python, project, root)
     return python
 
 
