@@ -9,22 +9,11 @@ import torch
 from torch import Tensor
 
 from conftest import small_context
-from plugformer import PositionEncoding, repeat_kv
+from plugformer import repeat_kv
 from plugformer.testing import check_component
 from plugformer_plugins.attention import longformer
 from plugformer_plugins.attention.longformer import GLOBAL_MASK, LongformerConfig
-
-
-class AlibiLikeBias(PositionEncoding):
-    """−slope_h · |i − j| for any position shapes (batch or 1, ..., L)."""
-
-    def __init__(self, heads: int) -> None:
-        super().__init__()
-        self.register_buffer("slopes", 2.0 ** (-torch.arange(1, heads + 1, dtype=torch.float32)))
-
-    def score_bias(self, q_positions: Tensor, k_positions: Tensor) -> Tensor:
-        distance = (q_positions[..., :, None] - k_positions[..., None, :]).abs().float()
-        return -self.slopes.view(-1, *[1] * (distance.dim() - 1)) * distance.unsqueeze(1)
+from reference_biases import AlibiLikeBias
 
 
 def build(config: LongformerConfig, *, causal: bool, kv_heads: int | None = None, bias: bool = True):

@@ -13,18 +13,7 @@ from conftest import small_context
 from plugformer import KVCache, PositionEncoding
 from plugformer.testing import check_component
 from plugformer_plugins.attention import sparse_fixed, sparse_strided
-
-
-class AlibiLikeBias(PositionEncoding):
-    """−slope_h · |i − j| on position values: (batch or 1, heads, ..., Lq, Lk)."""
-
-    def __init__(self, heads: int) -> None:
-        super().__init__()
-        self.register_buffer("slopes", 2.0 ** (-torch.arange(1, heads + 1, dtype=torch.float32)))
-
-    def score_bias(self, q_positions: Tensor, k_positions: Tensor) -> Tensor:
-        distance = (q_positions[..., :, None] - k_positions[..., None, :]).abs().float()
-        return -self.slopes.view(-1, *[1] * (distance.dim() - 1)) * distance.unsqueeze(1)
+from reference_biases import AlibiLikeBias
 
 
 def strided_pattern(length: int, stride: int, causal: bool) -> Tensor:
