@@ -129,11 +129,11 @@ class Attention(nn.Module):
 
     def __init__(self, ctx: BuildContext, *, bias: bool = True) -> None:
         super().__init__()
-        if ctx.d_model % ctx.n_heads:
+        if ctx.d_model % ctx.n_heads and ctx.head_size is None:
             raise ConfigError(
                 f"model.d_model={ctx.d_model} is not divisible by model.n_heads={ctx.n_heads}.",
                 expected="d_model a multiple of n_heads",
-                fix="change model.d_model or model.n_heads",
+                fix="change model.d_model or model.n_heads, or set model.head_dim explicitly",
             )
         if ctx.n_heads % ctx.kv_heads:
             raise ConfigError(
@@ -149,7 +149,7 @@ class Attention(nn.Module):
         self.dropout = ctx.dropout
         self.query = nn.Linear(ctx.d_model, ctx.n_heads * ctx.head_dim, bias=bias)
         self.key_value = nn.Linear(ctx.d_model, 2 * self.n_kv_heads * ctx.head_dim, bias=bias)
-        self.out = mark_residual_projection(nn.Linear(ctx.d_model, ctx.d_model, bias=bias))
+        self.out = mark_residual_projection(nn.Linear(ctx.n_heads * ctx.head_dim, ctx.d_model, bias=bias))
         # The position module belongs to the model; keep a reference without re-registering it.
         self.__dict__["position"] = None if ctx.cross else ctx.position
 

@@ -34,7 +34,8 @@ class BuildContext:
     position component as seen by this layer (:meth:`PositionEncoding.for_layer`);
     ``token_embedding`` is the input embedding (objectives tie their head to it);
     ``task`` holds the data task's facts (``num_classes``, ...), which the core passes on
-    without reading them.
+    without reading them. ``head_size`` is ``model.head_dim`` (None: d_model / n_heads); read
+    :attr:`head_dim`, which resolves it.
     """
 
     d_model: int
@@ -45,6 +46,7 @@ class BuildContext:
     max_length: int
     vocab_size: int
     n_kv_heads: int | None = None
+    head_size: int | None = None
     layer_index: int = 0
     cross: bool = False
     stack: str = "decoder"
@@ -56,7 +58,9 @@ class BuildContext:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        """Dimensions per head: ``model.head_dim`` when set (then n_heads·head_dim may differ
+        from d_model, as in some Llama-family models), else d_model / n_heads."""
+        return self.head_size or self.d_model // self.n_heads
 
     @property
     def kv_heads(self) -> int:

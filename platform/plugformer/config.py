@@ -37,12 +37,18 @@ class PlanConfig:
 class ModelConfig:
     """Sizes of the model. ``n_layers`` is the number of layers of each stack unless
     ``encoder_layers``/``decoder_layers`` set them; ``n_kv_heads`` (None: ``n_heads``) gives
-    multi-query (1) or grouped-query attention."""
+    multi-query (1) or grouped-query attention. ``head_dim`` (None: d_model / n_heads) sets
+    the width of each attention head explicitly; the attention then projects to
+    n_heads·head_dim and back. ``vocab_size`` (None: the data task's vocabulary) gives the
+    token embedding and output head more rows than the tokenizer has ids (padding to a
+    multiple of 64, or an imported model's vocabulary); it may not be smaller than the data's."""
 
     d_model: int = field(default=128, metadata=bounds(ge=1))
     n_layers: int = field(default=2, metadata=bounds(ge=1))
     n_heads: int = field(default=4, metadata=bounds(ge=1))
     n_kv_heads: Optional[int] = field(default=None, metadata=bounds(ge=1))
+    head_dim: Optional[int] = field(default=None, metadata=bounds(ge=1))
+    vocab_size: Optional[int] = field(default=None, metadata=bounds(ge=1))
     encoder_layers: Optional[int] = field(default=None, metadata=bounds(ge=1))
     decoder_layers: Optional[int] = field(default=None, metadata=bounds(ge=1))
     dropout: float = field(default=0.0, metadata=bounds(ge=0.0, lt=1.0))

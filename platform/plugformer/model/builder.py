@@ -118,15 +118,17 @@ def build_model(cfg: DictConfig, chosen: dict[str, Chosen], data: DataTask, plan
         check_length({**layer.slots(), "position": chosen["position"]}, data.max_length)
     model_cfg = cfg.model
     sizes = stack_sizes(model_cfg, plan.architecture)
+    vocab_size = model_vocab_size(model_cfg, data.vocab_size)
     base = BuildContext(
         d_model=model_cfg.d_model,
         n_heads=model_cfg.n_heads,
         n_kv_heads=model_cfg.get("n_kv_heads"),
+        head_size=model_cfg.get("head_dim"),
         n_layers=model_cfg.n_layers,
         dropout=model_cfg.dropout,
         causal=False,
         max_length=data.max_length,
-        vocab_size=data.vocab_size,
+        vocab_size=vocab_size,
         encoder_layers=sizes.get("encoder", 0),
         decoder_layers=sizes.get("decoder", 0),
         task=dict(data.facts),
@@ -135,7 +137,7 @@ def build_model(cfg: DictConfig, chosen: dict[str, Chosen], data: DataTask, plan
     def make(slot: str, context: BuildContext) -> nn.Module:
         return chosen[slot].component.factory(chosen[slot].config, context)
 
-    token_embedding = nn.Embedding(data.vocab_size, model_cfg.d_model)
+    token_embedding = nn.Embedding(vocab_size, model_cfg.d_model)
     stacks = {}
     for stack, layers in plan.stacks.items():
         ctx = replace(base, stack=stack, n_layers=len(layers), causal=stack == "decoder")
@@ -151,6 +153,21 @@ def build_model(cfg: DictConfig, chosen: dict[str, Chosen], data: DataTask, plan
     model.incremental_decoding = all("incremental_decoding" in layer.attention.provides() for layer in plan.stacks.get("decoder", []))
     initialize(model, sum(sizes.values()))
     return model
+
+
+def model_vocab_size(model_cfg: DictConfig, data_vocab_size: int) -> int:
+    """Rows of the token embedding and output head: ``model.vocab_size`` when set (at least
+    the data's vocabulary), else the data's."""
+    wanted = model_cfg.get("vocab_size")
+    if wanted is None:
+        return int(data_vocab_size)
+    if int(wanted) < int(data_vocab_size):
+        raise ConfigError(
+            f"model.vocab_size={wanted} is smaller than the data's vocabulary of {data_vocab_size} ids.",
+            expected=f"model.vocab_size >= {data_vocab_size}, or null (the data's vocabulary)",
+            fix=f"set model.vocab_size={data_vocab_size} or more, or remove it",
+        )
+    return int(wanted)
 
 
 def _build_block(layer: LayerSpec, ctx: BuildContext, make_norm: Any) -> nn.Module:
