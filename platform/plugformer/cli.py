@@ -1,4 +1,5 @@
-"""The ``plugformer`` command: ``train`` (Hydra), ``generate``, ``eval``, ``plugins``, ``compare``, ``new`` and ``sweep``."""
+"""The ``plugformer`` command: ``train`` (Hydra), ``generate``, ``eval``, ``plugins``, ``compare``, ``new``, ``sweep``,
+``import-hf`` and ``export-hf``."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_eval(commands)
     _add_new(commands)
     _add_sweep(commands)
+    _add_hf(commands)
 
     if not args:
         parser.print_help()
@@ -85,6 +87,14 @@ def _dispatch(parser: argparse.ArgumentParser, args: list[str]) -> int:
         out = write_wandb_sweep(Path(parsed.study), Path(parsed.out) if parsed.out else None, project=parsed.project)
         print(f"wrote {out}\n  start it with: wandb sweep {out}   then: wandb agent <the sweep id it prints>")
         return 0
+    if parsed.command == "import-hf":
+        from plugformer.hf.convert import import_command
+
+        return import_command(parsed.arguments)
+    if parsed.command == "export-hf":
+        from plugformer.hf.convert import export_command
+
+        return export_command(parsed.run_dir, parsed.out_dir, parsed.checkpoint)
     if parsed.command == "generate":
         from plugformer.model.generation import DecodingConfig
         from plugformer.prompting import generate_command
@@ -129,6 +139,18 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     cache.add_argument("--cache", dest="cache", action="store_true", default=None, help="decode with the attention state (default when supported)")
     cache.add_argument("--no-cache", dest="cache", action="store_false", help="recompute the whole sequence at every step")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+
+
+def _add_hf(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("import-hf", help="convert a local Hugging Face GPT-2 or Llama model into a run directory")
+    parser.add_argument(
+        "arguments", nargs="+", metavar="MODEL_DIR|run_dir=PATH|data.OPTION=VALUE",
+        help="the model folder (config.json + model.safetensors), then run_dir=... and data overrides",
+    )
+    parser = commands.add_parser("export-hf", help="write a GPT-2 or Llama run as config.json + model.safetensors for transformers")
+    parser.add_argument("run_dir", help="a run directory (trained or imported)")
+    parser.add_argument("out_dir", help="the folder to write")
+    parser.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint file")
 
 
 def _add_sweep(commands: argparse._SubParsersAction) -> None:
