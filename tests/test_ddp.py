@@ -42,7 +42,12 @@ def test_lightning_starts_the_second_rank_under_hydra(tmp_path: Path, registry) 
     run_dir = tmp_path / "run"
     result = run_cli("train", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", f"run_dir={run_dir}", *SETTINGS)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Starting with 2 processes" in result.stderr + result.stdout
+    # Lightning's notices go to train.log; rank 0 alone prints the header and the closing block.
+    assert "Starting with 2 processes" in (run_dir / "train.log").read_text()
+    assert "Starting with 2 processes" not in result.stderr + result.stdout
+    assert result.stdout.count("plugformer: run plain, training from scratch") == 1, result.stdout
+    assert result.stdout.count("plugformer: run finished") == 1, result.stdout
+    assert "strategy DDP (2 processes)" in result.stdout, result.stdout
     check_single_run(run_dir, registry)
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
 

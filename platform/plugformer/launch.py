@@ -56,20 +56,8 @@ def run_from_config(cfg: DictConfig, plugins: Plugins) -> dict[str, Any]:
             if plan.ckpt_path is None:  # a resume saves its config once training has started
                 (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
             write_run_id(run_dir, plan.run_id)
-        summary = train(cfg, plugins, run_dir, run_id=plan.run_id, ckpt_path=plan.ckpt_path, checkpoint=plan.checkpoint)
-    if rank_zero_only.rank == 0:
-        _report(summary)
-    return summary
-
-
-def _report(summary: dict[str, Any]) -> None:
-    metrics = summary["metrics"]
-    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("val/"))
-    print(f"\nplugformer: run {summary['status']} in {summary['wall_time_s']:.1f}s ({shown})")
-    print(f"  run directory: {summary['run_dir']}")
-    print(f"  summary:       {Path(summary['run_dir']) / 'summary.json'}")
-    if summary.get("wandb_dir"):
-        print(f"  W&B offline:   {summary['wandb_dir']}  (view: wandb leet {summary['wandb_dir']})")
+        # train prints the run's header and closing block (plugformer.training.console).
+        return train(cfg, plugins, run_dir, run_id=plan.run_id, ckpt_path=plan.ckpt_path, checkpoint=plan.checkpoint)
 
 
 def _quiet_library_noise() -> None:

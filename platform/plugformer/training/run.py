@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelSummary
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -29,6 +29,7 @@ from plugformer.threads import apply_threads, processes_on_this_node
 from plugformer.training.callbacks import (
     LoggingStepAfterResume, MetricHistory, OnTrainStart, RunRecord, ThroughputMonitor, ValidateAtLastStep, final_metrics,
 )
+from plugformer.training import console
 from plugformer.training.checkpointing import (
     AtomicCheckpointIO, remove_orphan_temporaries, replace_atomically, write_json_atomically,
 )
@@ -63,6 +64,8 @@ class RunState:
     memory: dict[str, Any] | None = None  # the memory preflight's estimate (bytes), see plugformer.memory
     # The metrics at the end of fit, kept when test_after_fit replaces Lightning's (val/* included).
     fit_metrics: dict[str, float] = field(default_factory=dict)
+    log_file: Path | None = None  # where library messages go (plugformer.training.console)
+    wandb: dict[str, Any] = field(default_factory=dict)  # the W&B run's mode, project, folder, URL
 
 
 def component_tags(chosen: dict[str, Chosen], techniques: dict[str, Chosen], layers: dict[str, Any]) -> list[str]:
@@ -103,9 +106,11 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, hooks: Any) -> tuple[list[Ca
         )
     bar = options.get("progress_bar", "rich")
     if bar == "rich":
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(console.RichMetricsBar(leave=True))
     elif bar == "tqdm":
-        callbacks.append(TQDMProgressBar())
+        callbacks.append(console.TQDMMetricsBar())
+    if cfg.trainer.get("enable_model_summary", True):
+        callbacks.append(ModelSummary(max_depth=1))  # logs to train.log (RichModelSummary would print it)
     if options.get("early_stopping"):
         from lightning.pytorch.callbacks import EarlyStopping
 
@@ -141,7 +146,9 @@ def train(
     """Train one run into ``run_dir``; returns the summary (also written, on rank 0, to
     ``run_dir/summary.json`` whether the run finished or failed)."""
     state = RunState(run_dir=run_dir, cfg=cfg, run_id=run_id, resumed=ckpt_path is not None)
-    status, error = "failed", None
+    status, error, summary = "failed", None, None
+    routing = console.route_library_output(run_dir, rank_zero_only.rank)
+    state.log_file = routing.log_file
     try:
         _train(state, plugins, ckpt_path, checkpoint)
         status = "finished"
@@ -159,6 +166,10 @@ def train(
                 raise
             # The run's own failure is on its way out; a later one must not replace it.
             print(f"plugformer: also, recording the failed run failed: {type(late).__name__}: {late}", file=sys.stderr)
+        finally:
+            routing.restore()
+            if summary is not None and rank_zero_only.rank == 0:
+                print(_closing_block(state, summary), flush=True)
     return summary
 
 
@@ -181,8 +192,6 @@ def _train(state: RunState, plugins: Plugins, ckpt_path: str | None, checkpoint:
         state.memory = {**refused.estimate.as_dict(), "available_bytes": refused.available}
         raise
     state.memory = estimate.as_dict() if estimate is not None else None
-    if rank_zero_only.rank == 0:
-        print(f"plugformer: {threads}; {memory}", flush=True)
     state.providers = component_providers(c.component for c in chosen.values())
     built = build(cfg, plugins=plugins, run_dir=run_dir, chosen=chosen)
     state.plan = built.plan.describe()
@@ -196,8 +205,6 @@ def _train(state: RunState, plugins: Plugins, ckpt_path: str | None, checkpoint:
         cfg[PROVIDERS_KEY] = state.providers  # config.yaml and the W&B config; checked when read back
     if ckpt_path is None and rank_zero_only.rank == 0:
         _write_config(run_dir, cfg)
-    if rank_zero_only.rank == 0:
-        print(f"plugformer: {built.plan.architecture} layers\n{built.plan.table()}", flush=True)
     model, hooks, data = built.model, built.hooks, built.data
     techniques = chosen_techniques(cfg, registry)
     state.params = model.num_parameters()
@@ -222,6 +229,9 @@ def _train(state: RunState, plugins: Plugins, ckpt_path: str | None, checkpoint:
     state.trainer = build_trainer(cfg, run_dir, state.loggers, callbacks)
     for logger in state.loggers:
         logger.log_hyperparams({"model/params": state.params})
+    if rank_zero_only.rank == 0:
+        state.wandb = console.wandb_facts(state.loggers)
+        print(_header(state, data, threads, memory, checkpoint), flush=True)
     state.trainer.fit(state.module, datamodule=data, ckpt_path=ckpt_path)
     state.fit_metrics = final_metrics(state.trainer)
     if cfg.get("test_after_fit"):
@@ -241,6 +251,26 @@ def _finish(state: RunState, plugins: Plugins, status: str, error: str | None) -
     if state.hook_failure is not None and status == "finished":
         raise state.hook_failure  # a run_summary hook failed a run that had finished
     return summary
+
+
+def _header(state: RunState, data: Any, threads: str, memory: str, checkpoint: CheckpointInfo | None) -> str:
+    assert state.trainer is not None and state.module is not None
+    return console.header(
+        experiment=state.cfg.get("experiment_name"), run_dir=state.run_dir, components=state.components, plan=state.plan,
+        params=state.params, data=data, trainer=state.trainer, wandb=state.wandb, threads=threads, memory=memory,
+        main=console.main_metric(state.module.model.objective), log_file=state.log_file,
+        resumed_from=checkpoint.global_step if checkpoint is not None else None,
+    )
+
+
+def _closing_block(state: RunState, summary: dict[str, Any]) -> str:
+    objective = state.module.model.objective if state.module is not None else None
+    return console.closing_block(
+        summary, summary_path=_summary_path(state, summary["status"]), main=console.main_metric(objective),
+        history=state.history.history if state.history is not None else [],
+        monitor=state.history.monitor if state.history is not None else None,
+        checkpoints=console.checkpoint_paths(state.trainer), wandb=state.wandb or console.wandb_from_summary(summary),
+    )
 
 
 def _write_config(run_dir: Path, cfg: DictConfig) -> None:

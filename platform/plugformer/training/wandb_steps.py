@@ -10,6 +10,7 @@ increasing sequence under the run's id.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -17,6 +18,13 @@ from lightning.pytorch.utilities import rank_zero_only
 
 class StepWandbLogger(WandbLogger):
     """WandbLogger that logs every row at ``step`` (the CSV ``step``: training steps done - 1)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Lightning passes anonymous=None to wandb.init, which then warns on the console that
+        # "the anonymous setting has no effect"; leaving it out is wandb's default.
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:

@@ -22,6 +22,8 @@ class CausalLM(Objective):
     ignoring -100. Metrics: perplexity and accuracy over the scored tokens. The head is tied
     to the token embedding when the model ties embeddings."""
 
+    main_metric = "accuracy"  # shown on the progress bar and in the closing block: next-token accuracy over the scored tokens
+
     def __init__(self, config: CausalLMConfig, ctx: BuildContext) -> None:
         super().__init__()
         self.label_smoothing = config.label_smoothing

@@ -48,6 +48,8 @@ class Classification(Objective):
     tokens (``longformer``) lets it see the whole sequence, as Longformer does for
     classification; a ``global_mask`` in the batch is passed on there too."""
 
+    main_metric = "accuracy"  # shown on the progress bar and in the closing block
+
     def __init__(self, config: ClassificationConfig, ctx: BuildContext) -> None:
         super().__init__()
         num_classes = ctx.task.get("num_classes")

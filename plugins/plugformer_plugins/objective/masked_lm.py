@@ -62,6 +62,8 @@ class MaskedLM(Objective):
     batch it makes and the facts it reads. The vocabulary projection is tied to the token
     embedding when the model ties embeddings, with its own bias."""
 
+    main_metric = "accuracy"  # shown on the progress bar and in the closing block: accuracy over the masked tokens
+
     def __init__(self, config: MaskedLMConfig, ctx: BuildContext) -> None:
         super().__init__()
         mask_id = ctx.task.get("mask_id")

@@ -79,6 +79,8 @@ class Seq2Seq(Objective):
     states (tied to the token embedding when the model ties embeddings), token and
     sequence accuracy. See the module docstring for the batch format."""
 
+    main_metric = "sequence_accuracy"  # shown on the progress bar and in the closing block: examples whose whole target is right
+
     def __init__(self, config: Seq2SeqConfig, ctx: BuildContext) -> None:
         super().__init__()
         self.label_smoothing = config.label_smoothing

@@ -1,0 +1,416 @@
+"""What ``plugformer train`` shows the user, and where library output goes instead.
+
+The console gets one header before training (:func:`header`), a progress bar with the
+objective's main metric and the loss (:class:`RichMetricsBar`, :class:`TQDMMetricsBar`) and
+one closing block (:func:`closing_block`), all printed by rank 0 only. Libraries' INFO
+messages (Lightning's tips and notices, its model summary, W&B) and the warnings listed in
+:data:`LIBRARY_NOISE` go to the run's ``train.log`` only (:func:`route_library_output`);
+every other warning still reaches the console.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+LOG_FILE = "train.log"
+
+# Warnings that do not concern the user of a plugformer run: (pattern of the message, why).
+# They go to train.log only; any warning not matched here stays on the console.
+LIBRARY_NOISE: tuple[tuple[str, str], ...] = (
+    (r"does not have many workers", "Lightning's loader advice; data tasks read in-memory splits (data.num_workers sets workers)"),
+    (r"Experiment logs directory .* exists and is not empty", "the run directory is plugformer's own"),
+    (r"Checkpoint directory .* exists and is not empty", "a resumed run writes into its own checkpoints folder"),
+    (r"The `srun` command is available on your system but is not used", "a SLURM hint for runs started without srun"),
+    (r"The anonymous setting has no effect", "Lightning's WandbLogger passes anonymous=None to wandb.init"),
+    (r"LeafSpec", "a deprecation inside a library"),
+)
+_NOISE = re.compile("|".join(f"(?:{pattern})" for pattern, _ in LIBRARY_NOISE))
+
+# Loggers whose INFO messages are for the user: plugformer's own and Hydra's (sweep progress).
+_USER_LOGGERS = ("plugformer", "plugformer_plugins", "hydra", "__main__")
+# Lightning's loggers that may carry a console handler of their own (attached at import).
+_LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
+
+
+def shows_on_console(record: logging.LogRecord) -> bool:
+    """Whether a log record is for the console: plugformer's and Hydra's messages, and
+    library warnings and errors that are not in :data:`LIBRARY_NOISE`. Everything else
+    (library INFO: tips, notices, the model summary) is for train.log only."""
+    if record.name.split(".")[0] in _USER_LOGGERS:
+        return True
+    if record.levelno < logging.WARNING:
+        return False
+    return _NOISE.search(record.getMessage()) is None
+
+
+class ConsoleFilter(logging.Filter):
+    """Lets through to a console handler only what :func:`shows_on_console` accepts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return shows_on_console(record)
+
+
+@dataclass
+class Routing:
+    """What :func:`route_library_output` changed, so :meth:`restore` can undo it (a sweep runs
+    several jobs in one process, and tests call ``train`` in-process)."""
+
+    log_file: Path | None = None
+    added: list[tuple[logging.Logger, logging.Handler]] = field(default_factory=list)
+    removed: list[tuple[logging.Logger, logging.Handler]] = field(default_factory=list)
+    filtered: list[tuple[logging.Handler, logging.Filter]] = field(default_factory=list)
+    propagate: list[tuple[logging.Logger, bool]] = field(default_factory=list)
+    root_level: int | None = None
+    captured_warnings: bool = False
+
+    def restore(self) -> None:
+        for handler, console_filter in self.filtered:
+            handler.removeFilter(console_filter)
+        for logger, handler in self.added:
+            logger.removeHandler(handler)
+            handler.close()
+        for logger, handler in self.removed:
+            logger.addHandler(handler)
+        for logger, propagate in self.propagate:
+            logger.propagate = propagate
+        if self.root_level is not None:
+            logging.getLogger().setLevel(self.root_level)
+        if self.captured_warnings:
+            logging.captureWarnings(False)
+        self.added, self.removed, self.filtered, self.propagate = [], [], [], []
+        self.root_level, self.captured_warnings = None, False
+
+
+def _is_console(handler: logging.Handler) -> bool:
+    return isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+
+
+def _writes_into(handler: logging.Handler, folder: Path) -> bool:
+    filename = getattr(handler, "baseFilename", None)
+    return isinstance(filename, str) and Path(filename).resolve().parent == folder.resolve()
+
+
+def route_library_output(run_dir: Path, rank: int = 0) -> Routing:
+    """From now until :meth:`Routing.restore`: every log record and Python warning goes to
+    the run's log file, and only what :func:`shows_on_console` accepts goes to the console.
+
+    The log file is the one Hydra's job logging already writes into ``run_dir``
+    (``train.log``; Lightning's DDP ranks get ``train_ddp_process_<rank>.log``), else
+    ``train.log`` (``train.rank<rank>.log`` on other ranks), added here. Lightning's own
+    console handlers are detached and its loggers propagate to the root logger, so its
+    messages are written once, through the same handlers. Warnings are captured into the
+    ``py.warnings`` logger (``logging.captureWarnings``), so the same rule sorts them.
+    """
+    routing = Routing()
+    root = logging.getLogger()
+    if root.level > logging.INFO or root.level == logging.NOTSET:  # INFO reaches the log file
+        routing.root_level = root.level
+        root.setLevel(logging.INFO)
+    files = [h for h in root.handlers if _writes_into(h, run_dir)]
+    if files:
+        routing.log_file = Path(files[0].baseFilename)  # type: ignore[attr-defined]
+    else:
+        routing.log_file = run_dir / (LOG_FILE if rank == 0 else f"train.rank{rank}.log")
+        handler = logging.FileHandler(routing.log_file, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        root.addHandler(handler)
+        routing.added.append((root, handler))
+    consoles = [h for h in root.handlers if _is_console(h)]
+    if not consoles:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(console)
+        routing.added.append((root, console))
+        consoles = [console]
+    for handler in consoles:
+        console_filter = ConsoleFilter()
+        handler.addFilter(console_filter)
+        routing.filtered.append((handler, console_filter))
+    for name in _LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if _is_console(h)]:
+            logger.removeHandler(handler)
+            routing.removed.append((logger, handler))
+        routing.propagate.append((logger, logger.propagate))
+        logger.propagate = True
+    if warnings.showwarning is not getattr(logging, "_showwarning", None):
+        logging.captureWarnings(True)
+        routing.captured_warnings = True
+    return routing
+
+
+# --- the objective's main metric --------------------------------------------------------
+
+def main_metric(objective: Any) -> tuple[str, str]:
+    """The objective's main metric as ``(val/<name>, mode)``: its ``main_metric`` attribute
+    (a name from its metrics, or "loss") and ``main_metric_mode`` ("max" or "min"; by
+    default "min" for loss and perplexity, "max" for anything else). Objectives that declare
+    none: ``val/loss``, lower is better."""
+    name = str(getattr(objective, "main_metric", None) or "loss")
+    name = name.split("/", 1)[1] if name.startswith(("val/", "train/", "test/")) else name
+    mode = getattr(objective, "main_metric_mode", None) or ("min" if name in ("loss", "perplexity") else "max")
+    return f"val/{name}", str(mode)
+
+
+def _objective(module: Any) -> Any:
+    return getattr(getattr(module, "model", None), "objective", None)
+
+
+def bar_metrics(trainer: pl.Trainer, module: Any) -> dict[str, float]:
+    """What the progress bar shows: ``train/loss``, ``val/loss`` and the objective's main
+    metric, as numbers (no ``v_num``)."""
+    metric, _ = main_metric(_objective(module))
+    shown: dict[str, float] = {}
+    for name in ("train/loss", "val/loss", metric):
+        value = trainer.callback_metrics.get(name)
+        if value is not None and name not in shown:
+            shown[name] = float(value.item() if hasattr(value, "item") else value)
+    return shown
+
+
+class RichMetricsBar(RichProgressBar):
+    """Lightning's rich progress bar showing :func:`bar_metrics`."""
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        return bar_metrics(trainer, pl_module)  # type: ignore[return-value]
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        # Lightning writes "Epoch 0/-2" when max_epochs is -1 (runs bounded by max_steps).
+        epochs = self.trainer.max_epochs
+        text = f"Epoch {current_epoch}" + (f"/{epochs - 1}" if epochs is not None and epochs > 0 else "")
+        return f"{text:{len(self.validation_description)}}" if len(self.validation_description) > len(text) else text
+
+
+class TQDMMetricsBar(TQDMProgressBar):
+    """Lightning's tqdm progress bar showing :func:`bar_metrics`."""
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        return bar_metrics(trainer, pl_module)  # type: ignore[return-value]
+
+
+# --- the header -------------------------------------------------------------------------
+
+def _rows(rows: list[tuple[str, str]]) -> str:
+    width = max(len(label) for label, _ in rows)
+    lines = []
+    for label, text in rows:
+        first, *rest = text.splitlines() or [""]
+        lines.append(f"  {label:<{width}}  {first}")
+        lines.extend(f"  {'':<{width}}  {line}" for line in rest)
+    return "\n".join(lines)
+
+
+def layer_lines(plan: dict[str, list[dict[str, str]]]) -> list[str]:
+    """The layer plan, one line per run of identical consecutive layers:
+    ``decoder 0-11  attention=full ffn=mlp block=standard``."""
+    lines = []
+    for stack, layers in plan.items():
+        start = 0
+        for index in range(1, len(layers) + 1):
+            if index == len(layers) or layers[index] != layers[start]:
+                span = f"{start}" if index - 1 == start else f"{start}-{index - 1}"
+                lines.append(f"{stack} {span:<5} " + " ".join(f"{slot}={name}" for slot, name in layers[start].items()))
+                start = index
+    return lines
+
+
+def data_sizes(data: Any) -> str:
+    """Examples per split, the longest sequence and the batch size of a data task."""
+    name = getattr(data, "name", type(data).__name__)
+    splits = getattr(data, "splits", None)
+    parts = []
+    if splits is not None:
+        try:
+            parts.append(", ".join(f"{split} {splits[split].num_rows:,}" for split in splits) + " examples")
+        except (AttributeError, KeyError, TypeError):
+            pass
+    if getattr(data, "max_length", None):
+        parts.append(f"sequences up to {data.max_length} tokens")
+    if getattr(data, "batch_size", None):
+        parts.append(f"batch size {data.batch_size}")
+    return f"{name}: " + "; ".join(parts) if parts else str(name)
+
+
+def wandb_facts(loggers: list[Any]) -> dict[str, Any]:
+    """The W&B run of these loggers: mode (offline, online, disabled), project, group,
+    local folder and URL; mode "disabled" when no W&B logger is used."""
+    from plugformer.training.tracking import is_wandb, wandb_run_dir
+
+    for logger in loggers:
+        if not is_wandb(logger):
+            continue
+        run = logger.experiment
+        if getattr(run, "disabled", False) or type(run).__name__ == "RunDisabled":
+            return {"mode": "disabled"}
+        offline = bool(getattr(getattr(run, "settings", None), "_offline", False) or getattr(run, "offline", False))
+        folder = wandb_run_dir([logger])
+        return {
+            "mode": "offline" if offline else "online",
+            "project": getattr(run, "project", None),
+            "group": getattr(run, "group", None),
+            "dir": str(folder) if folder else None,
+            "url": None if offline else getattr(run, "url", None),
+        }
+    return {"mode": "disabled"}
+
+
+def wandb_from_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """What :func:`wandb_facts` says, from a summary alone (a run that failed before its
+    header): the local folder, offline or online by its name."""
+    folder = summary.get("wandb_dir")
+    if not folder:
+        return {"mode": "disabled"}
+    return {"mode": "offline" if Path(folder).name.startswith("offline-run-") else "online", "dir": folder}
+
+
+def _wandb_text(facts: dict[str, Any]) -> str:
+    if facts["mode"] == "disabled":
+        return "disabled (logger=wandb to track the run)"
+    text = f"{facts['mode']}, project {facts.get('project')}, group {facts.get('group')}"
+    where = facts.get("url") or facts.get("dir")
+    return f"{text}\n{where}" if where else text
+
+
+def device_text(trainer: pl.Trainer, threads: str) -> str:
+    accelerator = type(trainer.accelerator).__name__.replace("Accelerator", "").lower() or "?"
+    strategy = type(trainer.strategy).__name__.replace("Strategy", "")
+    processes = trainer.world_size
+    nodes = f" on {trainer.num_nodes} nodes" if trainer.num_nodes > 1 else ""
+    return (
+        f"{accelerator} x{trainer.num_devices}{nodes}, strategy {strategy} ({processes} process{'es' if processes > 1 else ''}), "
+        f"precision {trainer.precision}\n{threads}"
+    )
+
+
+def _schedule(trainer: pl.Trainer) -> str:
+    steps = f"{trainer.max_steps} steps" if trainer.max_steps and trainer.max_steps > 0 else f"{trainer.max_epochs} epochs"
+    interval = trainer.val_check_interval
+    if isinstance(interval, int) or (isinstance(interval, float) and interval > 1):
+        every = f"validation every {int(interval)} steps"
+    else:
+        every = "validation every epoch" if interval == 1.0 else f"validation every {interval:g} epoch"
+    return f"{steps}, {every}"
+
+
+def header(
+    *, experiment: str | None, run_dir: Path, components: dict[str, str], plan: dict[str, list[dict[str, str]]],
+    params: int | None, data: Any, trainer: pl.Trainer, wandb: dict[str, Any], threads: str, memory: str,
+    main: tuple[str, str], resumed_from: int | None = None, log_file: Path | None = None,
+) -> str:
+    """The block printed once before training: what is trained, on what data, where it is
+    recorded and on which devices."""
+    verb = f"resuming from step {resumed_from}" if resumed_from is not None else "training from scratch"
+    kinds = " ".join(f"{kind}={name}" for kind, name in components.items() if kind not in ("objective", "data"))
+    rows = [
+        ("model", f"{kinds}\n" + "\n".join(layer_lines(plan))),
+        ("objective", f"{components.get('objective')} (main metric {main[0]}, {'higher' if main[1] == 'max' else 'lower'} is better)"),
+        ("parameters", f"{params:,}" if params is not None else "?"),
+        ("data", data_sizes(data)),
+        ("schedule", _schedule(trainer)),
+        ("device", device_text(trainer, threads)),
+        ("memory", memory.removeprefix("memory ")),
+        ("run dir", str(run_dir) + (f"  (library messages: {log_file.name})" if log_file else "")),
+        ("W&B", _wandb_text(wandb)),
+    ]
+    return f"plugformer: run {experiment or ''}, {verb}" + "\n" + _rows(rows)
+
+
+# --- the closing block ------------------------------------------------------------------
+
+def _number(value: Any) -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return f"{value:.4g}"
+
+
+def best_of(history: list[dict[str, float]], metric: str, mode: str) -> tuple[float, int] | None:
+    """The best finite value of ``metric`` over the validations in ``history``, with its step."""
+    values = [(row[metric], int(row.get("step", 0))) for row in history if metric in row and math.isfinite(row[metric])]
+    if not values:
+        return None
+    return (max if mode == "max" else min)(values, key=lambda pair: pair[0])
+
+
+def wandb_view_command() -> str:
+    """``wandb leet`` (W&B's terminal viewer of local runs) when the installed wandb has
+    it, else ``wandb sync`` (upload the run, then look at it in the browser)."""
+    try:
+        from wandb.cli import cli as wandb_cli
+
+        return "wandb leet" if "leet" in getattr(wandb_cli.cli, "commands", {}) else "wandb sync"
+    except Exception:  # noqa: BLE001 - an old or broken wandb CLI: name the command every version has
+        return "wandb sync"
+
+
+def closing_block(
+    summary: dict[str, Any], *, summary_path: Path, main: tuple[str, str], history: list[dict[str, float]],
+    monitor: str | None, checkpoints: dict[str, str], wandb: dict[str, Any],
+) -> str:
+    """The block printed once when a run ends, finished or failed: final and best metrics
+    (best with its step: the objective's main metric over the validation ``history``, and
+    the checkpoint ``monitor``'s best from the summary), wall time, tokens/s, where the
+    checkpoints, summary and W&B run are, and the commands to look at them."""
+    status = summary.get("status", "failed")
+    first = f"plugformer: run {status} after {summary.get('wall_time_s', 0):.1f}s at step {summary.get('global_step', 0)}"
+    if summary.get("tokens_per_second"):
+        first += f", {summary['tokens_per_second']:,.0f} tokens/s while training"
+    rows: list[tuple[str, str]] = []
+    if summary.get("error"):
+        rows.append(("error", str(summary["error"]).strip().splitlines()[0][:500]))
+    metrics = summary.get("metrics") or {}
+    final = [name for name in dict.fromkeys((main[0], "val/loss", "train/loss")) if name in metrics]
+    final += sorted(name for name in metrics if name.startswith(("val/", "test/")) and name not in final)
+    if final:
+        rows.append(("final", "  ".join(f"{name}={_number(metrics[name])}" for name in final)))
+    bests = []
+    best_main = best_of(history, *main)
+    if best_main is not None:
+        bests.append(f"{main[0]}={_number(best_main[0])} at step {best_main[1]}")
+    saved = summary.get("best") or {}
+    if monitor and monitor != main[0] and saved.get(monitor) is not None:
+        bests.append(f"{monitor}={_number(saved[monitor])} at step {int(saved.get('step', 0))} (the checkpoint's monitor)")
+    if bests:
+        rows.append(("best", "\n".join(bests)))
+    rows.extend(checkpoints.items())
+    rows.append(("summary", str(summary_path)))
+    if wandb.get("mode") not in (None, "disabled"):
+        rows.append(("W&B", wandb.get("url") or f"{wandb['mode']} run {wandb.get('dir')}"))
+    look = []
+    if wandb.get("mode") == "offline" and wandb.get("dir"):
+        view = wandb_view_command()
+        look.append(f"{view} {wandb['dir']}")
+        if view != "wandb sync":
+            look.append(f"wandb sync {wandb['dir']}   (uploads it to W&B)")
+    if status == "finished":
+        look.append(f"plugformer compare {summary.get('run_dir')}")
+    if look:
+        rows.append(("look with", "\n".join(look)))
+    return first + "\n" + _rows(rows)
+
+
+def checkpoint_paths(trainer: Any) -> dict[str, str]:
+    """The best and last checkpoint files of a run that exist."""
+    found: dict[str, str] = {}
+    for callback in getattr(trainer, "checkpoint_callbacks", None) or []:
+        best = getattr(callback, "best_model_path", "")
+        last = getattr(callback, "last_model_path", "")
+        if best and Path(best).is_file():
+            found.setdefault("checkpoint", best)
+        if last and Path(last).is_file():
+            found.setdefault("last ckpt", last)
+    return found
+
