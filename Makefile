@@ -2,12 +2,16 @@
 VENV ?= .venv
 ARGS ?=
 
-.PHONY: setup train test
+.PHONY: setup train test browser
 setup:
 	@bash scripts/setup.sh
+
+# Debian's Chromium for the HTML report test (apt-get when /usr/bin/chromium is missing).
+browser:
+	@bash scripts/install_chromium.sh
 
 train: setup
 	$(VENV)/bin/plugformer train $(ARGS)
 
-test: setup
+test: setup browser
 	$(VENV)/bin/python -m pytest $(ARGS)

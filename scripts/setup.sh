@@ -24,5 +24,5 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   "$venv/bin/pip" install --quiet "${PLUGFORMER_TORCH:-torch==2.13.0}"
 fi
 echo "plugformer: installing plugformer and its dependencies into $venv" >&2
-"$venv/bin/pip" install --quiet -e ".[dev]"
+"$venv/bin/pip" install --quiet -e ".[dev,test]"
 touch "$stamp"

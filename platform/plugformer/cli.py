@@ -24,13 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_parser.add_argument("overrides", nargs=argparse.REMAINDER)
     plugins_parser = commands.add_parser("plugins", help="list installed plugins and their components")
     plugins_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    compare_parser = commands.add_parser("compare", help="compare runs: differing config values and metrics")
-    compare_parser.add_argument("paths", nargs="+", help="run directories, or folders holding them")
-    compare_parser.add_argument("--out", default=None, help="folder for comparison.csv/.md/.png")
-    compare_parser.add_argument("--metric", default="val/loss", help="the validation curve to plot")
-    compare_parser.add_argument(
-        "--eval-metrics", default="loss", help="comma-separated metrics of `plugformer eval` results to show (eval/<split>@<length>/...)"
-    )
+    _add_compare(commands)
     _add_generate(commands)
     _add_eval(commands)
     _add_new(commands)
@@ -65,8 +59,17 @@ def _dispatch(parser: argparse.ArgumentParser, args: list[str]) -> int:
     if parsed.command == "compare":
         from plugformer.compare import compare_command
 
-        eval_metrics = tuple(m.strip() for m in parsed.eval_metrics.split(",") if m.strip())
-        return compare_command(parsed.paths, out=parsed.out, metric=parsed.metric, eval_metrics=eval_metrics)
+        return compare_command(
+            parsed.paths,
+            out=parsed.out,
+            eval_metrics=_comma_list([parsed.eval_metrics]),
+            curves=_comma_list(parsed.curves or []),
+            smooth=parsed.smooth,
+            group_by=_comma_list(parsed.group_by or []),
+            reports=tuple(parsed.reports or ()),
+            wandb=parsed.wandb,
+            wandb_group=parsed.wandb_group,
+        )
     if parsed.command == "new":
         from plugformer.scaffold import new_plugin_command
 
@@ -116,6 +119,32 @@ def _dispatch(parser: argparse.ArgumentParser, args: list[str]) -> int:
         )
     parser.print_help()
     return 2
+
+
+def _add_compare(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("compare", help="compare runs: differing config values and metrics, groups over seeds, curves, reports")
+    parser.add_argument("paths", nargs="*", help="run directories, or folders holding them")
+    parser.add_argument("--out", default=None, help="folder for comparison.csv/.md/.png and the curve figures")
+    parser.add_argument(
+        "--curve", "--metric", dest="curves", action="append", metavar="METRIC",
+        help="a metric to plot by step (repeatable or comma-separated; default: the monitored val metric)",
+    )
+    parser.add_argument("--smooth", type=float, default=0.0, metavar="W", help="EMA smoothing weight of the curves, 0 <= W < 1 (as W&B/TensorBoard)")
+    parser.add_argument(
+        "--group-by", action="append", metavar="KEY",
+        help="config key or component kind to group runs by (repeatable or comma-separated; default: runs differing only in seed)",
+    )
+    parser.add_argument("--report", dest="reports", action="append", metavar="FILE", help="write a report: FILE.html (self-contained) or FILE.md")
+    parser.add_argument("--wandb", default=None, metavar="ENTITY/PROJECT", help="also read the runs of this W&B project (online)")
+    parser.add_argument("--wandb-group", default=None, metavar="GROUP", help="only the W&B runs of this group (an experiment_name)")
+    parser.add_argument(
+        "--eval-metrics", default="loss", help="comma-separated metrics of `plugformer eval` results to show (eval/<split>@<length>/...)"
+    )
+
+
+def _comma_list(values: list[str]) -> tuple[str, ...]:
+    """Repeated options whose values may also be comma-separated, in order, without blanks."""
+    return tuple(item.strip() for value in values for item in value.split(",") if item.strip())
 
 
 def _add_generate(commands: argparse._SubParsersAction) -> None:

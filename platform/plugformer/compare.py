@@ -1,9 +1,15 @@
-"""``plugformer compare``: what differs between runs, and how each run did.
+"""``plugformer compare``: what differs between runs, and how each run did; for a study,
+how each setting did over its seeds.
 
-Reads run directories only (``config.yaml``, ``metrics.csv``, ``summary.json`` and, after
-``plugformer eval``, ``eval.json``), so it works
-offline, without W&B and on runs that failed. It prints one table and writes
-``comparison.csv``, ``comparison.md`` and ``comparison.png`` (one validation curve per run).
+Reads run directories (``config.yaml``, ``metrics.csv``, ``summary.json`` and, after
+``plugformer eval``, ``eval.json``), so it works offline, without W&B and on runs that
+failed; with ``--wandb`` it reads the runs of a W&B project instead or as well
+(compare_wandb.py). It prints the table of runs and writes ``comparison.csv``,
+``comparison.md`` and ``comparison.png`` (one curve per run). Runs that repeat a setting
+with other seeds, or ``--group-by`` keys, make groups: a table of mean ± std per group
+(compare_groups.py) and per curve a figure of each group's mean with a ±std band
+(compare_curves.py). ``--report`` writes the tables and figures as one HTML or Markdown
+document (compare_report.py).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
 EVAL_FILE = "eval.json"
 OUTPUT_NAMES = ("comparison.csv", "comparison.md", "comparison.png")
+GROUP_OUTPUT_NAMES = ("comparison_groups.csv", "comparison_groups.md")
 
 # Config keys that differ between any two runs without saying anything about them, or that
 # are derived from other keys (resolved_layers follows from model.n_layers and model.plan).
@@ -47,7 +54,8 @@ class CompareError(PlugformerError):
 
 @dataclass
 class Run:
-    """One run directory as read from disk.
+    """One run as read from its run directory (``path``) or from W&B (``path`` None,
+    ``name`` ``<entity>/<project>/<run name>``).
 
     ``config`` holds the resolved config flattened to dotted keys; ``curves`` maps every
     metric in metrics.csv to its ``(step, value)`` points in logging order;
@@ -55,11 +63,12 @@ class Run:
     recorded (the best checkpoint's, or the latest evaluation's when several checkpoints).
     """
 
-    path: Path
+    path: Path | None
     config: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     evaluations: dict[str, float] = field(default_factory=dict)
+    name: str | None = None
 
     @property
     def status(self) -> str:
@@ -279,11 +288,17 @@ def common_parent(paths: list[Path]) -> Path | None:
 
 
 def run_names(runs: list[Run]) -> list[str]:
-    """Short names: each run's path relative to the runs' common parent."""
-    parent = common_parent([run.path for run in runs])
-    if parent is None:
-        return [str(run.path) for run in runs]
-    return [run.path.relative_to(parent).as_posix() for run in runs]
+    """Short names: each run directory's path relative to the run directories' common
+    parent; a run read from W&B keeps its ``name``."""
+    local = [run.path for run in runs if run.path is not None]
+    parent = common_parent(local) if local else None
+    names = []
+    for run in runs:
+        if run.path is None:
+            names.append(run.name or "?")
+        else:
+            names.append(str(run.path) if parent is None else run.path.relative_to(parent).as_posix())
+    return names
 
 
 # --- the table ------------------------------------------------------------------------
@@ -501,17 +516,82 @@ def print_table(rows: list[dict[str, Any]], lines: list[str]) -> None:
 
 
 def default_out_dir(runs: list[Run]) -> Path:
-    """The runs' common parent folder, or the current folder when they have none."""
-    return common_parent([run.path for run in runs]) or Path.cwd()
+    """The run directories' common parent folder, or the current folder when they have none
+    (or all runs come from W&B)."""
+    local = [run.path for run in runs if run.path is not None]
+    return (common_parent(local) if local else None) or Path.cwd()
 
 
-def compare_command(paths: list[str], *, out: str | None, metric: str, eval_metrics: tuple[str, ...] = ("loss",)) -> int:
-    """``plugformer compare PATHS [--out DIR] [--metric NAME] [--eval-metrics a,b]``: print
-    the comparison table and write comparison.csv, comparison.md and comparison.png into
-    ``out`` (default: the runs' common parent). Returns the exit status; user errors raise
-    CompareError."""
-    runs = [load_run(path) for path in find_runs(paths)]
-    check_metric(runs, metric)
+def main_metric(runs: list[Run]) -> str:
+    """The metric the runs' checkpoints monitor (``callbacks.checkpoint.monitor``, the most
+    common one among the runs), or ``val/loss``."""
+    monitored = [str(run.config.get("callbacks.checkpoint.monitor")) for run in runs if run.config.get("callbacks.checkpoint.monitor")]
+    return max(dict.fromkeys(monitored), key=monitored.count) if monitored else "val/loss"
+
+
+def _check_smoothing(weight: float) -> None:
+    if not 0.0 <= weight < 1.0:
+        raise CompareError(
+            f"--smooth {weight:g} is out of range.",
+            expected="an exponential moving average weight from 0 (no smoothing) up to, not including, 1",
+            fix="for example --smooth 0.9 (W&B's and TensorBoard's slider uses the same weight)",
+        )
+
+
+def _load_runs(paths: list[str], wandb: str | None, wandb_group: str | None) -> tuple[list[Run], list[str]]:
+    """The runs to compare and where they came from (for the report)."""
+    if not paths and not wandb:
+        raise CompareError(
+            "Nothing to compare.",
+            expected="run directories or folders holding them, and/or --wandb ENTITY/PROJECT",
+            fix="for example plugformer compare runs/ or plugformer compare --wandb my-team/plugformer",
+        )
+    runs = [load_run(path) for path in find_runs(paths)] if paths else []
+    sources = list(paths)
+    if wandb:
+        from plugformer.compare_wandb import load_wandb_runs
+
+        runs += load_wandb_runs(wandb, wandb_group)
+        sources.append(f"wandb:{wandb}" + (f" (group {wandb_group})" if wandb_group else ""))
+    return runs, sources
+
+
+def compare_command(
+    paths: list[str],
+    *,
+    out: str | None,
+    metric: str | None = None,
+    eval_metrics: tuple[str, ...] = ("loss",),
+    curves: tuple[str, ...] = (),
+    smooth: float = 0.0,
+    group_by: tuple[str, ...] = (),
+    reports: tuple[str, ...] = (),
+    wandb: str | None = None,
+    wandb_group: str | None = None,
+) -> int:
+    """``plugformer compare [PATHS] [--out DIR] [--curve NAME ...] [--smooth W]
+    [--group-by KEY ...] [--report FILE ...] [--wandb ENTITY/PROJECT [--wandb-group G]]
+    [--eval-metrics a,b]``.
+
+    Prints the table of runs and writes comparison.csv, comparison.md and comparison.png
+    (the first curve, one line per run) into ``out`` (default: the run directories' common
+    parent). Groups (:mod:`plugformer.compare_groups`: runs differing only in seed, or by
+    ``group_by``) get comparison_groups.csv/.md when any group holds several runs or
+    ``group_by`` is given. Every curve (``metric`` and ``curves``; default
+    :func:`main_metric`) gets ``curve_<metric>.png``: per group the mean, smoothed with EMA
+    weight ``smooth``, and a ±std band. ``reports`` (``.html``/``.md`` files) get the
+    tables and figures. Returns the exit status; user errors raise CompareError.
+    """
+    from plugformer.compare_curves import curve_file_name, curve_png
+    from plugformer.compare_groups import averaged_over, csv_rows, display_rows, group_runs, group_table
+    from plugformer.compare_report import Figure, Report, check_report_path, write_report
+
+    _check_smoothing(smooth)
+    report_paths = [check_report_path(path) for path in reports]
+    runs, sources = _load_runs(list(paths), wandb, wandb_group)
+    names = list(dict.fromkeys([*([metric] if metric else []), *curves])) or [main_metric(runs)]
+    for name in names:
+        check_metric(runs, name)
     rows = comparison_table(runs, eval_metrics)
     out_dir = Path(out).expanduser() if out else default_out_dir(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -520,14 +600,49 @@ def compare_command(paths: list[str], *, out: str | None, metric: str, eval_metr
     lines = notes(runs, rows)
     write_markdown(rows, lines, md_path)
     labels = [run_label(row) for row in rows]
-    plot_curves(runs, labels, metric, png_path)
+    plot_curves(runs, labels, names[0], png_path)
     eval_path = out_dir / "comparison_eval.png"
     by_length = plot_evaluations(runs, labels, eval_metrics[0], eval_path) if eval_metrics else False
+
+    groups = group_runs(runs, rows, group_by)
+    grouped = bool(group_by) or any(len(group.indices) > 1 for group in groups)
+    shown_groups: list[dict[str, Any]] = []
+    group_lines: list[str] = []
+    if grouped:
+        stats = group_table(groups, rows)
+        shown_groups = display_rows(stats)
+        over = averaged_over(runs, rows, groups)
+        group_lines = [f"Each group averages over runs that differ in: {', '.join(over)}" if over else "Each group's runs share every compared setting"]
+        write_csv(csv_rows(stats), out_dir / GROUP_OUTPUT_NAMES[0])
+        write_markdown(shown_groups, group_lines, out_dir / GROUP_OUTPUT_NAMES[1])
+    members = [(group.label(), [runs[i] for i in group.indices]) for group in groups]
+    figures = []
+    for name in names:
+        figure = Figure(f"{name} by step" + (f" (EMA {smooth:g})" if smooth else ""), curve_png(members, name, smooth), curve_file_name(name))
+        (out_dir / figure.file_name).write_bytes(figure.png)
+        figures.append(figure)
+    if by_length:
+        figures.append(Figure(f"eval {eval_metrics[0]} by evaluated length", eval_path.read_bytes(), eval_path.name))
+
     print_table(rows, lines)
-    print(f"\nplugformer: compared {len(runs)} run(s)")
+    if grouped:
+        print()
+        print_table(shown_groups, group_lines)
+    print(f"\nplugformer: compared {len(runs)} run(s)" + (f" in {len(groups)} group(s)" if grouped else ""))
     print(f"  table:  {csv_path}")
     print(f"          {md_path}")
-    print(f"  curves: {png_path}  ({metric})")
+    if grouped:
+        print(f"  groups: {out_dir / GROUP_OUTPUT_NAMES[0]}")
+        print(f"          {out_dir / GROUP_OUTPUT_NAMES[1]}")
+    print(f"  curves: {png_path}  ({names[0]}, one line per run)")
+    for figure in figures[: len(names)]:
+        print(f"          {out_dir / figure.file_name}  ({figure.caption}, mean ± std per group)")
     if by_length:
         print(f"          {eval_path}  (eval {eval_metrics[0]} by length)")
+    if report_paths:
+        title = f"plugformer study: {len(runs)} runs" + (f" in {len(groups)} groups" if grouped else "")
+        report = Report(title, sources, rows, shown_groups, lines + group_lines, figures)
+        for path in report_paths:
+            written = write_report(report, path)
+            print(f"  report: {path}" + (f"  (+ {len(written) - 1} PNG beside it)" if len(written) > 1 else ""))
     return 0
