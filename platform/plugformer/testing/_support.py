@@ -271,7 +271,8 @@ def assert_output_like_input(subject: Subject, run: Callable[[Tensor], Any], x: 
 def check_gradients(subject: Subject, loss_of: Callable[[nn.Module], tuple[Tensor, list[Tensor]]]) -> None:
     """Backpropagate the loss of ``loss_of(module) -> (loss, inputs)`` through a module in
     training mode, then require a finite gradient, not all exactly zero, for every trainable
-    parameter (except names matching ``allow_zero_grad``) and for every tensor in ``inputs``.
+    parameter (except names matching ``allow_zero_grad`` or the module's own
+    ``state_only_parameters`` patterns) and for every tensor in ``inputs``.
 
     The parameters are first jittered slightly, so that a component initializing a layer to
     zero (which blocks the gradient of everything before it at step 0) still passes: the
@@ -289,8 +290,11 @@ def check_gradients(subject: Subject, loss_of: Callable[[nn.Module], tuple[Tenso
             subject.fail(f"internal: the kit's loss is not a scalar ({tuple(loss.shape)})")
         loss.backward()
         trainable = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        # Parameters a module trains only through the state it carries across calls (a
+        # compressive memory's compressor) get no gradient from one stateless forward pass.
+        state_only = tuple(getattr(module, "state_only_parameters", ()))
         for name, parameter in trainable:
-            if subject.allowed_without_grad(name):
+            if subject.allowed_without_grad(name) or any(fnmatch(name, pattern) for pattern in state_only):
                 continue
             if parameter.grad is None:
                 subject.fail(

@@ -12,6 +12,7 @@ import pluggy
 import torch
 from torch import Tensor, nn
 
+from plugformer.attention import Attention
 from plugformer.components import ObjectiveOutput
 from plugformer.config import OptimConfig
 from plugformer.errors import PluginError
@@ -101,6 +102,9 @@ class TrainingModule(pl.LightningModule):
         for ffn in self.model.feed_forward_layers():
             for name, value in ffn.aux_losses().items():
                 terms.add(name, value, f"the feed-forward layers ({type(ffn).__name__})")
+        for attention in self._attentions_with_losses():
+            for name, value in attention.aux_losses().items():
+                terms.add(name, value, f"the attention layers ({type(attention).__name__})")
         contributions = call_hook(
             self.hooks, "extra_losses", expect=dict, items=Tensor, model=self.model, batch=batch, outputs=outputs, stage=stage
         )
@@ -108,6 +112,11 @@ class TrainingModule(pl.LightningModule):
             for name, value in contributed.items():
                 terms.add(name, value, f"plugin {plugin_name!r}")
         return terms
+
+    def _attentions_with_losses(self) -> list[Attention]:
+        """The model's attentions that report auxiliary losses (an ``aux_losses()`` method,
+        as on a feed-forward layer: terms of their last forward pass, already weighted)."""
+        return [m for m in self.model.modules() if isinstance(m, Attention) and callable(getattr(m, "aux_losses", None))]
 
     def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         batch = self.model.objective.prepare_batch(batch)

@@ -4,7 +4,9 @@ tokenizer (see :mod:`plugformer_plugins.data.tokenization`), and packed into blo
 
 The text of a split is concatenated and cut into blocks of ``block_size + 1`` tokens that
 overlap by one token (so every next-token pair is scored once): ``input_ids = block[:-1]``,
-``labels = block[1:]``. Without validation files, the last ``validation_fraction`` of the
+``labels = block[1:]``. With ``stream=true`` the blocks are batched as ordered segments of
+``batch_size`` streams (row i of a batch continues row i of the previous batch), for models
+that carry a memory across batches. Without validation files, the last ``validation_fraction`` of the
 training lines becomes the validation split. With no files and no hub dataset configured,
 the small English corpus shipped in ``plugformer_plugins/data/corpus`` is used.
 
@@ -35,6 +37,7 @@ from filelock import FileLock
 
 from plugformer import Capabilities, Component, ConfigError, DataContext, DataError, bounds
 from plugformer.data import CachedDatasetTask, parameters_key
+from plugformer_plugins.data.streaming import StreamOrderSampler, world_size
 from plugformer_plugins.data.tokenization import (  # noqa: F401 - tokenizers re-exported from here too
     PAD_ID,
     TOKENIZER_VERSION,
@@ -51,6 +54,7 @@ from plugformer_plugins.data.tokenization import (  # noqa: F401 - tokenizers re
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
+    from torch.utils.data import DataLoader
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 #: The tokenizer's file in a run directory.
@@ -87,6 +91,9 @@ class TextConfig:
     block_size: int = field(default=128, metadata=bounds(ge=1))
     batch_size: int = field(default=32, metadata=bounds(ge=1))
     num_workers: int = field(default=0, metadata=bounds(ge=0))
+    # Ordered segments (no shuffling): row i of each batch continues row i of the previous
+    # batch, so a memory (model/attention=transformer_xl, compressive) carries across batches.
+    stream: bool = False
 
 
 # --- sources ------------------------------------------------------------------------------
@@ -443,6 +450,24 @@ class TextTask(CachedDatasetTask):
             self.tokenizer = self.load_tokenizer()
             self.pad_id = self.tokenizer.special.pad
             super().prepare()
+
+    @property
+    def streams(self) -> bool:  # type: ignore[override]
+        """data.stream: batches are ordered segments (see :class:`StreamOrderSampler`)."""
+        return bool(self.config.stream)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if not self.config.stream:
+            return super()._loader(split, shuffle)
+        from torch.utils.data import DataLoader
+
+        self.prepare()
+        assert self.splits is not None
+        sampler = StreamOrderSampler(self.splits[split].num_rows, self.batch_size, world_size(), split=split)
+        return DataLoader(
+            self.splits[split], batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )
 
     @property
     def facts(self) -> dict[str, Any]:
