@@ -1,9 +1,10 @@
 """Built-in run-level techniques for model compression: ``distill`` (knowledge
-distillation from a finished run), ``prune`` (magnitude and structured pruning) and
-``quantize`` (dynamic int8 and quantization-aware training). Each is enabled with
+distillation from a finished run), ``prune`` (magnitude and structured pruning),
+``quantize`` (dynamic int8 and quantization-aware training) and ``share`` (ALBERT cross-layer
+sharing and factorized embeddings). Each is enabled with
 ``+technique=<name>``; see docs/compression.md.
 
-The three component modules are registered; the Lightning callbacks live in modules of their
+The four component modules are registered; the Lightning callbacks live in modules of their
 own (``*_callback``, ``report_settings``), imported when a run starts, so that listing plugins
 never imports Lightning."""
 
@@ -16,9 +17,9 @@ from plugformer import hookimpl
 
 @hookimpl
 def register_components(registry: Any) -> None:
-    from plugformer_plugins.technique import distill, prune, quantize
+    from plugformer_plugins.technique import distill, prune, quantize, share
 
-    for module in (distill, prune, quantize):
+    for module in (distill, prune, quantize, share):
         registry.add(module.COMPONENT)
 
 

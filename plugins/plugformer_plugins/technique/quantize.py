@@ -40,11 +40,12 @@ class QuantizeConfig:
     save_model: bool = True
 
 
-def target_linears(model: nn.Module, include_head: bool) -> dict[str, nn.Linear]:
+def target_linears(model: nn.Module, include_head: bool, *, every_path: bool = False) -> dict[str, nn.Linear]:
     """The linear layers to quantize, by their name in the model: every one in the stacks,
-    and the objective's head layers with ``include_head``."""
+    and the objective's head layers with ``include_head``. A layer shared by several layers
+    of the model is listed under its first name, or under each with ``every_path``."""
     names = {}
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=not every_path):
         in_stacks = name.startswith("stacks.")
         in_head = name.startswith("objective.")
         if isinstance(module, nn.Linear) and (in_stacks or (include_head and in_head)):
@@ -56,31 +57,51 @@ def prepare_qat(model: nn.Module, include_head: bool) -> int:
     """Swap the target linear layers for fake-quantized ones (int8 symmetric weights); shared
     weights stay shared. Returns how many were swapped."""
     qconfig = tq.default_dynamic_qat_qconfig
-    swapped = 0
-    for name, linear in target_linears(model, include_head).items():
+    fakes: dict[int, nn.Module] = {}  # one fake-quantized module per linear layer, however many paths reach it
+    for name, linear in target_linears(model, include_head, every_path=True).items():
         if type(linear) is not nn.Linear:
             continue
-        linear.qconfig = qconfig
-        fake = qat_dynamic.Linear.from_float(linear)
-        for attribute in ("scale_init_by_depth",):
-            if hasattr(linear, attribute):
-                setattr(fake, attribute, getattr(linear, attribute))
+        if id(linear) not in fakes:
+            linear.qconfig = qconfig
+            fake = qat_dynamic.Linear.from_float(linear)
+            for attribute in ("scale_init_by_depth",):
+                if hasattr(linear, attribute):
+                    setattr(fake, attribute, getattr(linear, attribute))
+            fakes[id(linear)] = fake
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, fake)
-        swapped += 1
-    return swapped
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, fakes[id(linear)])
+    return len(fakes)
+
+
+def retie_shared(reference: nn.Module, converted: nn.Module) -> None:
+    """Where several paths of ``reference`` reach one module (cross-layer sharing), make the
+    same paths of ``converted`` (a converted copy, which made one module per path) reach one
+    module again: the first path's."""
+    first: dict[int, str] = {}
+    for name, module in reference.named_modules(remove_duplicate=False):
+        if not name:
+            continue
+        if id(module) not in first:
+            first[id(module)] = name
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(converted.get_submodule(parent_name) if parent_name else converted, child, converted.get_submodule(first[id(module)]))
 
 
 def quantize_model(model: nn.Module, include_head: bool = True) -> nn.Module:
     """A CPU copy of ``model`` with its target linear layers as dynamic int8 modules
     (``torch.ao.nn.quantized.dynamic.Linear``): fake-quantized (QAT) layers are converted
     with their learned weight observers, float ones with ``quantize_dynamic``. Pruning masks
-    are applied first, so the zeros are in the int8 weights."""
+    are applied first, so the zeros are in the int8 weights. Modules shared across layers stay
+shared (one int8 module each)."""
     plain = with_masks_applied(model).cpu().float().eval()
     if any(isinstance(m, qat_dynamic.Linear) for m in plain.modules()):
-        return tq.convert(plain, mapping=tq.get_default_dynamic_quant_module_mappings(), inplace=False)
-    names = set(target_linears(plain, include_head))
-    return tq.quantize_dynamic(plain, {name: tq.default_dynamic_qconfig for name in names}, dtype=torch.qint8)
+        quantized = tq.convert(plain, mapping=tq.get_default_dynamic_quant_module_mappings(), inplace=False)
+    else:
+        names = set(target_linears(plain, include_head, every_path=True))
+        quantized = tq.quantize_dynamic(plain, {name: tq.default_dynamic_qconfig for name in names}, dtype=torch.qint8)
+    retie_shared(plain, quantized)
+    return quantized
 
 
 def float_copy(model: nn.Module) -> nn.Module:
