@@ -22,7 +22,7 @@ def hook_names() -> list[str]:
 def test_the_design_hooks_exist() -> None:
     assert set(hook_names()) == {
         "register_components", "validate_config", "model_built", "extra_losses",
-        "lightning_callbacks", "run_summary", "tracking_tags",
+        "lightning_callbacks", "run_summary", "tracking_tags", "evaluation_metrics", "cli_commands",
     }
 
 

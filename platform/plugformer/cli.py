@@ -29,20 +29,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_eval(commands)
     _add_new(commands)
     _add_sweep(commands)
+    # Provided by the built-in retrieval plugin through the cli_commands hook; listed here so
+    # --help shows it without loading plugins.
+    commands.add_parser(
+        "index", help="build a kNN-LM datastore of a run: plugformer index RUN_DIR [data.OPTION=...] [split=train] [index.type=flat|ivf|hnsw]",
+        add_help=False,
+    )
     _add_hf(commands)
 
     if not args:
         parser.print_help()
         return 2
     try:
-        return _dispatch(parser, args)
+        return _dispatch(parser, args, [name for name in commands.choices if name not in PLUGIN_COMMANDS])
     except PlugformerError as error:
         if full_tracebacks_requested():
             raise
         return report_user_error(error)
 
 
-def _dispatch(parser: argparse.ArgumentParser, args: list[str]) -> int:
+#: Commands of built-in plugins that --help lists; they, and any name the CLI does not know,
+#: run through the plugins' ``cli_commands`` hook.
+PLUGIN_COMMANDS = ("index",)
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: list[str], builtin: Sequence[str]) -> int:
+    if not args[0].startswith("-") and args[0] not in builtin:
+        from plugformer.plugin_commands import run_plugin_command
+
+        return run_plugin_command(args[0], args[1:], builtin)
     if args[0] == "train":  # Hydra parses the rest, -m and --help included
         from plugformer.launch import launch_training
 

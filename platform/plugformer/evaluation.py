@@ -50,11 +50,17 @@ def evaluate(
     if split not in SPLITS:
         raise ConfigError(f"Unknown split {split!r}.", expected=f"one of {', '.join(SPLITS)}", fix="pass --split validation")
     quiet_libraries()
+    data_overrides, plugin_options = split_overrides(overrides)
     run = load_run(run_dir, checkpoint=checkpoint)
-    cfg = _with_overrides(run.cfg, overrides)
-    data = _evaluation_data(run, cfg, overrides)
+    for namespace in plugin_options:
+        if namespace in run.cfg:  # the run's own settings (model.*, optim.*) are not eval options
+            _with_overrides(run.cfg, [o for o in overrides if o.split(".", 1)[0].lstrip("+~") == namespace])
+    cfg = _with_overrides(run.cfg, data_overrides)
+    data = _evaluation_data(run, cfg, data_overrides)
     _check_lengths(run, cfg, data.max_length, allow_untrained_positions)
-    loader = {"train": data.train_dataloader, "validation": data.val_dataloader, "test": data.test_dataloader}[split]()
+    loaders = {"train": data.train_dataloader, "validation": data.val_dataloader, "test": data.test_dataloader}
+    plugin_metrics = _plugin_metrics(run, plugin_options, lambda: loaders[split](), split, limit_batches)
+    loader = loaders[split]()
     module = TrainingModule(run.model, cfg.optim, run.hooks, carry_state=bool(getattr(data, "streams", False)))
     callbacks = [c for _, contributed in call_hook(run.hooks, "lightning_callbacks", expect=list, cfg=cfg) for c in contributed]
     trainer = pl.Trainer(
@@ -68,6 +74,7 @@ def evaluate(
     metrics = {name.split("/", 1)[1]: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("val/")}
     if "loss" in metrics:
         metrics["perplexity"] = math.exp(min(metrics["loss"], 700.0))
+    metrics.update(plugin_metrics)
     entry = {
         "split": split,
         "checkpoint": run.checkpoint.name,
@@ -101,12 +108,57 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
+def split_overrides(overrides: Sequence[str]) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """``data.*`` overrides, and the options of every other namespace (``knn_lm.k=8`` →
+    {"knn_lm": {"k": 8}}, values typed as on the Hydra command line) for the plugins'
+    ``evaluation_metrics`` hook."""
+    data = [o for o in overrides if o.split("=", 1)[0].lstrip("+~").startswith("data.")]
+    others = [o for o in overrides if o not in data]
+    for override in others:
+        key = override.split("=", 1)[0]
+        if "=" not in override or "." not in key or key.startswith(("+", "~")):
+            raise ConfigError(
+                f"plugformer eval takes data overrides and plugin options, not {override!r}.",
+                expected="data.<option>=<value> (data.block_size=256) or <plugin namespace>.<option>=<value> (knn_lm.k=8)",
+                fix="the model and objective come from the run; change only how the data is read, or pass a plugin's options",
+            )
+    parsed = OmegaConf.to_container(OmegaConf.from_dotlist(others)) if others else {}
+    return data, {str(name): dict(options) for name, options in parsed.items()}  # type: ignore[union-attr]
+
+
+def _plugin_metrics(
+    run: Any, options: dict[str, dict[str, Any]], make_loader: Any, split: str, limit_batches: int | None
+) -> dict[str, float]:
+    """The ``evaluation_metrics`` of the plugin owning each namespace, as ``<namespace>/<name>``."""
+    import itertools
+
+    from plugformer.plugins import call_hook
+
+    metrics: dict[str, float] = {}
+    for namespace, values in options.items():
+        loader = make_loader()
+        if limit_batches:
+            loader = list(itertools.islice(loader, limit_batches))
+        answers = call_hook(
+            run.hooks, "evaluation_metrics", expect=dict, namespace=namespace, options=values, run=run, loader=loader, split=split
+        )
+        if not answers:
+            raise ConfigError(
+                f"plugformer eval takes data overrides only, and no installed plugin takes the evaluation options {namespace}.*.",
+                expected="data.<option>=<value>, or options of a plugin that implements evaluation_metrics (knn_lm.*)",
+                fix=f"check the spelling of {namespace!r}, or install the plugin that provides it",
+            )
+        for _, contributed in answers:
+            metrics.update({f"{namespace}/{name}": float(value) for name, value in contributed.items()})
+    return metrics
+
+
 def _with_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if "=" not in override or not key.startswith("data."):
             raise ConfigError(
-                f"plugformer eval takes data overrides only, not {override!r}.",
+                f"plugformer eval takes data overrides only (and plugins' evaluation options), not {override!r}.",
                 expected="data.<option>=<value>, e.g. data.block_size=256 or data.validation_files=[held_out.txt]",
                 fix="the model and objective come from the run; change only how the data is read",
             )

@@ -11,6 +11,7 @@ Arguments are typed for readers and type checkers; the types are imported only u
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
 import pluggy
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
     from torch import Tensor
 
+    from plugformer.api import LoadedRun
     from plugformer.components import ObjectiveOutput
     from plugformer.model.transformer import Transformer
     from plugformer.registry import Registry, RegistryView
@@ -103,4 +105,32 @@ def tracking_tags(cfg: DictConfig) -> list[str] | None:
     """Extra tags for the tracker, next to the ``kind:name`` tag of every chosen component.
 
     Called once per run when the loggers are created. Returns a list of strings, or None.
+    """
+
+
+@hookspec
+def evaluation_metrics(
+    namespace: str, options: dict[str, Any], run: LoadedRun, loader: Iterable[dict[str, Tensor]], split: str
+) -> dict[str, float] | None:
+    """Metrics of an evaluation that a plugin adds to ``plugformer eval`` under options of
+    its own namespace (``plugformer eval RUN knn_lm.k=8`` → ``namespace`` "knn_lm",
+    ``options`` {"k": 8}).
+
+    Called once per namespace that the overrides name besides ``data.``, before the core's
+    own evaluation pass, with the loaded ``run`` (model in eval mode) and the ``loader`` of
+    the evaluated ``split`` (data overrides applied). Returns a dict name → float when the
+    plugin owns ``namespace`` (stored as ``<namespace>/<name>`` beside the core's metrics in
+    eval.json), else None. A namespace no plugin answers is an error naming it.
+    """
+
+
+@hookspec
+def cli_commands() -> dict[str, Callable[[list[str]], int]] | None:
+    """Subcommands a plugin adds to ``plugformer`` (``plugformer index`` comes from the
+    built-in retrieval plugin).
+
+    Called when ``plugformer`` is given a command it does not know itself (so the built-in
+    commands never load plugins for this). Returns a dict command name → function taking
+    the remaining arguments and returning the exit status, or None. A name two plugins
+    provide is an error naming both.
     """
