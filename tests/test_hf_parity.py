@@ -99,6 +99,7 @@ def test_export_round_trip_gives_identical_hf_logits(imported, name: str, tmp_pa
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_generate_on_imported_run_matches_hf_greedy(imported) -> None:
     model, _, run_dir = imported["llama_gqa_head_dim"]
     result = run_cli("generate", str(run_dir), "--prompt", "hello", "--max-new-tokens", "5", "--checkpoint", "last", "--json", timeout=240)
@@ -110,6 +111,7 @@ def test_generate_on_imported_run_matches_hf_greedy(imported) -> None:
     assert generated == expected.tolist()
 
 
+@pytest.mark.slow
 def test_eval_on_imported_run(imported) -> None:
     _, _, run_dir = imported["gpt2"]
     result = run_cli("eval", str(run_dir), "--checkpoint", "last", "--limit-batches", "2", timeout=240)
@@ -119,12 +121,15 @@ def test_eval_on_imported_run(imported) -> None:
     assert 3.0 < entry["metrics"]["loss"] < 9.0
 
 
-def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_unsupported_architecture_is_one_clear_cli_error(tmp_path: Path) -> None:
     folder = tmp_path / "bert"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
-    with pytest.raises(ConfigError, match="model_type='bert'"):
-        import_hf(folder, DATA, run_dir=tmp_path / "run")
+    result = run_cli("import-hf", str(folder), f"run_dir={tmp_path / 'run'}", timeout=120)
+    assert result.returncode != 0
+    assert "model_type='bert'" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_unsupported_option_is_named(tmp_path: Path) -> None:
@@ -134,3 +139,19 @@ def test_unsupported_option_is_named(tmp_path: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="rope_type='dynamic'"):
         import_hf(folder, DATA, run_dir=tmp_path / "run")
+
+
+def test_export_refuses_what_hf_cannot_express(imported, tmp_path: Path) -> None:
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    _, _, run_dir = imported["llama_gqa_head_dim"]
+    copy = tmp_path / "interleaved"
+    shutil.copytree(run_dir, copy)
+    cfg = OmegaConf.load(copy / "config.yaml")
+    cfg.model.position.layout = "interleaved"  # same weights, but rotary pairs HF does not use
+    (copy / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    with pytest.raises(ConfigError, match="model.position.layout='interleaved'"):
+        export_hf(copy, tmp_path / "out", checkpoint="last")
+    assert not (tmp_path / "out" / "model.safetensors").exists()

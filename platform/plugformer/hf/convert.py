@@ -4,8 +4,9 @@ An imported run directory holds what ``plugformer train`` would have written for
 model, minus the training: ``config.yaml`` (composed from ``experiment=plain`` and the
 architecture's overrides), ``checkpoints/last.ckpt`` (the weights under ``state_dict`` with
 the ``model.`` prefix and ``global_step`` 0, as Lightning saves them), the data task's
-tokenizer, and ``hf_source.json`` (the HF config it came from). ``generate``, ``eval``,
-``load_run`` and ``resume=`` (fine-tuning) read it like any other run.
+tokenizer, and ``hf_source.json`` (the HF config it came from). ``generate``, ``eval`` and
+``load_run`` read it like any other run; it holds no optimizer or loop state, so ``resume=``
+cannot continue from it.
 """
 
 from __future__ import annotations
