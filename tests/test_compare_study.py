@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from helpers import run_cli
 from plugformer.cli import main
 from plugformer.compare import comparison_table, find_runs, load_run
 from plugformer.compare_curves import mean_curve, smooth
-from plugformer.compare_groups import group_runs, group_table
+from plugformer.compare_groups import format_stat, group_runs, group_table
 from plugformer.compare_wandb import run_from_wandb
 
 pytestmark = pytest.mark.slow
@@ -127,10 +128,10 @@ def test_mean_curve_of_a_group_is_the_mean_of_its_runs_logged_values(study: Path
         assert std == pytest.approx(statistics.stdev([by_step[0][step], by_step[1][step]]))
 
 
-def test_command_line_groups_by_any_config_key(study: Path, tmp_path: Path) -> None:
-    result = run_cli("compare", str(study), "--out", str(tmp_path), "--group-by", "seed")
-    assert result.returncode == 0, result.stderr
-    assert "in 2 group(s)" in result.stdout and "model.n_layers" in result.stdout
+def test_command_line_groups_by_any_config_key(study: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["compare", str(study), "--out", str(tmp_path), "--group-by", "seed"]) == 0
+    printed = capsys.readouterr().out
+    assert "in 2 group(s)" in printed and "comparison_groups.csv" in printed
     rows = read_csv(tmp_path / "comparison_groups.csv")
     assert [(row["seed"], row["n"], row["runs"]) for row in rows] == [("1", "2", "0, 1"), ("2", "2", "2, 3")]
     for row, jobs in zip(rows, ((0, 1), (2, 3))):
@@ -141,6 +142,23 @@ def test_command_line_groups_by_any_config_key(study: Path, tmp_path: Path) -> N
     markdown = (tmp_path / "comparison_groups.md").read_text()
     assert markdown.startswith("| seed | n | status | runs | val/loss |") and " ± " in markdown
     assert "averages over runs that differ in: model.n_layers" in markdown
+
+
+def test_a_failed_run_counts_in_its_group_but_not_in_its_means(study: Path, tmp_path: Path) -> None:
+    for job in ("0", "2"):
+        shutil.copytree(study / job, tmp_path / job)
+    # Like a job that failed before logging anything: a summary saying so, no metrics.csv.
+    (tmp_path / "2" / "metrics.csv").unlink()
+    summary = json.loads((tmp_path / "2" / "summary.json").read_text())
+    summary.update(status="failed", metrics={}, best={}, error="NonFiniteError: loss is nan")
+    (tmp_path / "2" / "summary.json").write_text(json.dumps(summary))
+    runs = [load_run(path) for path in find_runs([tmp_path])]
+    rows = comparison_table(runs)
+    (row,) = group_table(group_runs(runs, rows), rows)
+    assert row["n"] == 2 and row["status"] == "1 finished, 1 failed"
+    assert row["val/loss"].count == 1 and row["val/loss"].mean == pytest.approx(final(study / "0", "val/loss"))
+    assert format_stat(row["val/loss"], 2).endswith("[1 of 2]")
+    assert mean_curve([run.curves.get("val/loss") or [] for run in runs]).mean == pytest.approx([v for _, v in val_losses(study / "0")])
 
 
 # --- curves and reports ------------------------------------------------------------------
