@@ -6,6 +6,7 @@ Matplotlib is imported only when a figure is drawn, so importing this module sta
 
 from __future__ import annotations
 
+import bisect
 import io
 import math
 from dataclasses import dataclass
@@ -45,14 +46,17 @@ def clean_points(points: Points) -> Points:
     return sorted(by_step.items())
 
 
-def _interpolate(points: Points, step: float) -> float | None:
-    """The run's value at ``step``, linear between its logged steps; None outside them."""
-    if not points or step < points[0][0] or step > points[-1][0]:
+def _interpolate(points: Points, steps: list[float], step: float) -> float | None:
+    """The run's value at ``step``, linear between its logged steps (``steps`` are the
+    points' steps, sorted); None outside them."""
+    if not points or step < steps[0] or step > steps[-1]:
         return None
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= step <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (step - x0) / (x1 - x0)
-    return points[-1][1]  # a single point, at exactly this step
+    at = bisect.bisect_left(steps, step)
+    x1, y1 = points[at]
+    if x1 == step:
+        return y1
+    x0, y0 = points[at - 1]
+    return y0 + (y1 - y0) * (step - x0) / (x1 - x0)
 
 
 @dataclass
@@ -82,9 +86,10 @@ def mean_curve(curves: list[Points], weight: float = 0.0) -> MeanCurve:
             steps, values = zip(*points)
             runs.append(list(zip(steps, smooth(list(values), weight))))
     grid = sorted({step for points in runs for step, _ in points})
+    steps_of = [[step for step, _ in points] for points in runs]
     result = MeanCurve([], [], [], [])
     for step in grid:
-        values = [v for v in (_interpolate(points, step) for points in runs) if v is not None]
+        values = [v for v in (_interpolate(points, steps, step) for points, steps in zip(runs, steps_of)) if v is not None]
         if not values:
             continue
         mean = sum(values) / len(values)
