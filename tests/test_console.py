@@ -43,7 +43,7 @@ def test_header_states_components_sizes_and_where_the_run_goes(finished) -> None
         f"{summary['params']:,}",  # parameters
         "mqar: train 2,000, validation 128 examples", "batch size 32", "sequences up to",  # data sizes
         "causal_lm (main metric val/accuracy, higher is better)",
-        "8 steps, validation every 4 steps",
+        "8 steps, validation every 4 steps and at the end",
         f"run dir     {run_dir}",
         "offline, project plugformer, group console", summary["wandb_dir"],  # W&B mode and run
         "cpu x1, strategy SingleDevice (1 process)", "CPU threads per process",  # device, strategy, threads
@@ -104,7 +104,7 @@ def test_a_failed_run_prints_a_closing_block(tmp_path: Path) -> None:
 
 
 def test_console_filter_sorts_library_records() -> None:
-    from plugformer.training.console import shows_on_console
+    from plugformer.training.library_output import shows_on_console
 
     def record(name: str, level: int, message: str) -> logging.LogRecord:
         return logging.LogRecord(name, level, __file__, 1, message, None, None)
@@ -120,7 +120,7 @@ def test_routing_is_undone(tmp_path: Path) -> None:
     """A sweep runs several jobs in one process: each job's routing leaves logging as it was."""
     import lightning  # noqa: F401 - attaches Lightning's own console handler
 
-    from plugformer.training.console import route_library_output
+    from plugformer.training.library_output import route_library_output
 
     root, lit = logging.getLogger(), logging.getLogger("lightning")
     before = (list(root.handlers), root.level, list(lit.handlers), lit.propagate, warnings.showwarning)

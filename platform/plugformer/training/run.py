@@ -30,6 +30,7 @@ from plugformer.training.callbacks import (
     LoggingStepAfterResume, MetricHistory, OnTrainStart, RunRecord, ThroughputMonitor, ValidateAtLastStep, final_metrics,
 )
 from plugformer.training import console
+from plugformer.training.library_output import route_library_output
 from plugformer.training.checkpointing import (
     AtomicCheckpointIO, remove_orphan_temporaries, replace_atomically, write_json_atomically,
 )
@@ -147,7 +148,7 @@ def train(
     ``run_dir/summary.json`` whether the run finished or failed)."""
     state = RunState(run_dir=run_dir, cfg=cfg, run_id=run_id, resumed=ckpt_path is not None)
     status, error, summary = "failed", None, None
-    routing = console.route_library_output(run_dir, rank_zero_only.rank)
+    routing = route_library_output(run_dir, rank_zero_only.rank)
     state.log_file = routing.log_file
     try:
         _train(state, plugins, ckpt_path, checkpoint)
