@@ -1,0 +1,134 @@
+"""Build and lookup time of the faiss indexes behind kNN-LM (``plugformer index
+index.type=flat|ivf|hnsw``), at a few datastore sizes.
+
+The datastore is synthetic but shaped like one: ``--dim``-dimensional keys drawn from a
+mixture of 256 Gaussian clusters (hidden states cluster by context), built with the same
+``build_index`` that ``plugformer index`` uses (IVF: ``--nlist`` cells, searched with
+``--nprobe``; HNSW: ``--m`` links, searched with efSearch ``--ef``). Queries are ``--queries``
+fresh draws from the same mixture, searched for ``--k`` neighbours in one batch (as
+``plugformer eval`` does per batch of tokens) and one at a time (a decoder generating token
+by token). Recall@k is the share of the exact (flat) neighbours that the approximate index
+returns.
+
+Writes the section "Retrieval index" of BENCHMARKS.md between HTML comment markers. Usage:
+
+    .venv/bin/python benchmarks/retrieval_index.py [--sizes 10000 100000] [--dim 128] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform as host  # the standard-library module; never the project's platform/ folder
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _report import write_section  # noqa: E402
+
+START, END = "<!-- retrieval-index:start -->", "<!-- retrieval-index:end -->"
+
+
+def mixture(n: int, dim: int, rng: np.random.Generator, centres: np.ndarray) -> np.ndarray:
+    picks = rng.integers(0, len(centres), n)
+    return (centres[picks] + 0.5 * rng.standard_normal((n, dim))).astype(np.float32)
+
+
+def measure(kind: str, keys: np.ndarray, queries: np.ndarray, args: argparse.Namespace, exact: np.ndarray | None) -> dict:
+    import faiss
+
+    from plugformer_plugins.retrieval.knn_lm import IndexOptions, build_index
+
+    started = time.perf_counter()
+    index = build_index(keys, IndexOptions(type=kind, nlist=args.nlist, m=args.m))
+    build = time.perf_counter() - started
+    if kind == "ivf":
+        index.nprobe = args.nprobe
+    if kind == "hnsw":
+        index.hnsw.efSearch = args.ef
+    index.search(queries[:8], args.k)  # warm-up: first-call set-up is not lookup time
+    started = time.perf_counter()
+    _, ids = index.search(queries, args.k)
+    batched = time.perf_counter() - started
+    single = []
+    for row in queries[: args.single]:
+        started = time.perf_counter()
+        index.search(row[None, :], args.k)
+        single.append(time.perf_counter() - started)
+    recall = 1.0 if exact is None else float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(ids, exact)]))
+    return {
+        "kind": kind, "entries": index.ntotal, "build_s": build, "bytes": faiss.serialize_index(index).nbytes,
+        "batched_us": 1e6 * batched / len(queries), "single_us": 1e6 * float(np.median(single)), "recall": recall, "ids": ids,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 300_000])
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--single", type=int, default=200, help="queries searched one at a time")
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--nlist", type=int, default=1024)
+    parser.add_argument("--nprobe", type=int, default=8)
+    parser.add_argument("--m", type=int, default=32)
+    parser.add_argument("--ef", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
+    args = parser.parse_args()
+
+    import faiss
+
+    faiss.omp_set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    centres = 2.0 * rng.standard_normal((256, args.dim)).astype(np.float32)
+    queries = mixture(args.queries, args.dim, rng, centres)
+    rows = []
+    for size in args.sizes:
+        keys = mixture(size, args.dim, rng, centres)
+        flat = measure("flat", keys, queries, args, None)
+        rows.append(flat)
+        for kind in ("ivf", "hnsw"):
+            rows.append(measure(kind, keys, queries, args, flat["ids"]))
+        for row in rows[-3:]:
+            print(
+                f"{size:>8} {row['kind']:>5}: build {row['build_s']:.2f} s, {row['bytes'] / 2**20:.1f} MiB, "
+                f"{row['batched_us']:.0f} us/query batched, {row['single_us']:.0f} us single, recall@{args.k} {row['recall']:.3f}",
+                flush=True,
+            )
+    load = os.getloadavg()[0]
+    command = " ".join(["benchmarks/retrieval_index.py", "--sizes", *map(str, args.sizes), "--dim", str(args.dim), "--threads", str(args.threads)])
+    lines = [
+        START,
+        "## Retrieval index (kNN-LM datastores)",
+        "",
+        f"faiss {faiss.__version__} indexes as `plugformer index` builds them, over {args.dim}-dimensional keys from a mixture of "
+        f"256 Gaussian clusters; {args.queries} queries from the same mixture, k={args.k}. IVF: nlist={args.nlist} "
+        f"(capped at entries/39), nprobe={args.nprobe}; HNSW: M={args.m}, efSearch={args.ef}. *Batched*: all queries in "
+        f"one search call, per query (as `plugformer eval` searches a batch of tokens); *single*: median of {args.single} "
+        "one-query calls (token-by-token decoding). Recall@k: share of the exact neighbours returned.",
+        "",
+        f"Machine: {host.machine()}, {os.cpu_count()} cores, faiss with {args.threads} thread(s); 1-minute load average "
+        f"{load:.1f} at the end (other jobs were running: times are inflated by the load, sizes and recall are not); "
+        f"measured {datetime.date.today().isoformat()}. Reproduce with `.venv/bin/python {command}`.",
+        "",
+        "| entries | index | build s | index MiB | µs/query batched | µs/query single | recall@k |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['entries']:,} | {row['kind']} | {row['build_s']:.2f} | {row['bytes'] / 2**20:.1f} | {row['batched_us']:.0f} | "
+            f"{row['single_us']:.0f} | {row['recall']:.3f} |"
+        )
+    lines += ["", END]
+    write_section(args.out, "\n".join(lines), START, END)
+    print(f"wrote the retrieval-index section of {args.out}")
+
+
+if __name__ == "__main__":
+    main()
