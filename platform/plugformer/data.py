@@ -103,12 +103,22 @@ class CachedDatasetTask(DataTask):
     optionally "test"), each with an ``input_ids`` column and a ``labels`` column (a label
     per example, or a label sequence aligned with ``input_ids``)."""
 
-    def __init__(self, cache_dir: Path, batch_size: int, num_workers: int = 0, *, bucket_by_length: bool = False) -> None:
+    def __init__(
+        self, cache_dir: Path, batch_size: int, num_workers: int = 0, *, bucket_by_length: bool = False,
+        persistent_workers: bool = True, pin_memory: bool | None = None,
+    ) -> None:
+        """``num_workers``: loader processes (0: batches are collated in the training process,
+        the right choice for splits held in memory on a few CPU cores); ``persistent_workers``:
+        keep them from one epoch to the next (only with workers); ``pin_memory``: page-locked
+        batches for faster copies to the GPU, None for on exactly when the run trains on a CUDA
+        device."""
         super().__init__()
         self.cache_dir = Path(cache_dir)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.bucket_by_length = bucket_by_length
+        self.persistent_workers = persistent_workers
+        self.pin_memory = pin_memory
         self.splits: DatasetDict | None = None
 
     # --- what a task implements -------------------------------------------------------
@@ -172,9 +182,19 @@ class CachedDatasetTask(DataTask):
             sampler=sampler,
             collate_fn=self.collate,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            pin_memory=self._pins_memory(),
             drop_last=shuffle,
         )
+
+    def _pins_memory(self) -> bool:
+        """``pin_memory`` as set, or (None) whether the trainer this task is attached to
+        trains on a CUDA device; pinning for a CPU run only costs copies."""
+        if self.pin_memory is not None:
+            return bool(self.pin_memory) and torch.cuda.is_available()
+        trainer = getattr(self, "trainer", None)
+        device = getattr(getattr(trainer, "strategy", None), "root_device", None)
+        return device is not None and device.type == "cuda"
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

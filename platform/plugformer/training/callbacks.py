@@ -22,34 +22,65 @@ def _scalar(value: Any) -> float | None:
 
 class ThroughputMonitor(pl.Callback):
     """Logs ``train/tokens_per_second`` (all ranks together) over the steps since the last log,
-    and keeps the run's overall rate (first step excluded: it pays for warm-up)."""
+    and keeps the run's overall rate (first step excluded: it pays for warm-up).
+
+    Also measures how much of training waits for data: ``perf/data_wait_fraction`` is the share
+    of training time spent between one batch's end and the next one's start (fetching and
+    collating the next batch, moving it to the device, and the loop's bookkeeping between
+    steps), over every step but the first; gaps that hold a validation or an epoch's end are
+    not counted. Logged (the run's fraction so far) whenever ``train/tokens_per_second`` is.
+    """
 
     def __init__(self) -> None:
         self.tokens = 0
         self.seconds = 0.0
+        self.waited = 0.0  # seconds between a batch's end and the next one's start
+        self.busy = 0.0  # seconds from batch start to batch end, of the same steps
         self._window_tokens = 0
         self._window_seconds = 0.0
         self._step_start = 0.0
+        self._last_end: float | None = None
+        self._gap: float | None = None
 
     @property
     def tokens_per_second(self) -> float | None:
         return self.tokens / self.seconds if self.seconds > 0 else None
 
+    @property
+    def data_wait_fraction(self) -> float | None:
+        """Waiting time over training time (in [0, 1]); None before two steps were timed."""
+        total = self.waited + self.busy
+        return self.waited / total if total > 0 else None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._last_end = None
+
+    def on_validation_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._last_end = None
+
     def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
+        self._gap = self._step_start - self._last_end if self._last_end is not None else None
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._step_start
-        tokens = module.model.objective.tokens_in(batch) * trainer.world_size
         if trainer.global_step <= 1:
+            self._last_end = time.perf_counter()
             return
+        tokens = module.model.objective.tokens_in(batch) * trainer.world_size
         self.tokens += tokens
         self.seconds += elapsed
         self._window_tokens += tokens
         self._window_seconds += elapsed
+        if self._gap is not None:
+            self.waited += self._gap
+            self.busy += elapsed
         if trainer.global_step % max(1, trainer.log_every_n_steps) == 0 and self._window_seconds > 0:
             module.log("train/tokens_per_second", self._window_tokens / self._window_seconds, on_step=True, on_epoch=False)
+            if self.data_wait_fraction is not None:
+                module.log("perf/data_wait_fraction", self.data_wait_fraction, on_step=True, on_epoch=False)
             self._window_tokens, self._window_seconds = 0, 0.0
+        self._last_end = time.perf_counter()
 
 
 class MetricHistory(pl.Callback):

@@ -74,6 +74,7 @@ class TrainingModule(pl.LightningModule):
         self.hooks = hooks
         self.carry_state = carry_state
         self._states: dict[str, ModelState | None] = {}
+        self._step_metrics: tuple[dict[str, Tensor], int] = ({}, 0)  # the last training step's, see log_step_metrics
         # A plain dict, so these modules are not submodules: out of state_dict and parameters().
         self.frozen: dict[str, nn.Module] = dict(frozen or {})
         if auxiliary:
@@ -126,21 +127,45 @@ class TrainingModule(pl.LightningModule):
             state.detach()
         terms = self._loss_terms(batch, outputs, stage)
         total = terms.total(outputs.loss)
-        on_step = stage == "train"
+        values = {f"{stage}/loss": outputs.loss, f"{stage}/total_loss": total}
+        values.update({f"{stage}/loss_{name}": value for name, value in terms.values.items()})
+        values.update({f"{stage}/{name}": value for name, value in outputs.metrics.items()})
         batch_size = self.model.objective.examples_in(batch)
-        log: dict[str, Any] = dict(on_step=on_step, on_epoch=not on_step, sync_dist=not on_step, batch_size=batch_size)
-        self.log(f"{stage}/loss", outputs.loss, prog_bar=True, **log)
-        self.log(f"{stage}/total_loss", total, **log)
-        for name, value in terms.values.items():
-            self.log(f"{stage}/loss_{name}", value, **log)
-        for name, value in outputs.metrics.items():
-            self.log(f"{stage}/{name}", value, prog_bar=name == "accuracy" and stage == "val", **log)
+        if stage == "train":
+            self._step_metrics = (values, batch_size)
+            if self._loggers_write_this_step():
+                self.log_step_metrics()
+            return total
+        for name, value in values.items():
+            prog_bar = name == f"{stage}/loss" or (name == f"{stage}/accuracy" and stage == "val")
+            self.log(name, value, prog_bar=prog_bar, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size)
         return total
 
+    def _loggers_write_this_step(self) -> bool:
+        """Whether this training step's metrics reach the loggers (every
+        ``trainer.log_every_n_steps``, as Lightning decides), or the step is the last of the run
+        or of an epoch (so the final values in summary.json are the last step's). Logging costs
+        a fraction of a millisecond per metric (Lightning's bookkeeping); on the other steps it
+        is skipped. Without a trainer (a module driven by hand), always."""
+        trainer = self._trainer
+        if trainer is None or trainer.log_every_n_steps == 0:
+            return True
+        last_step = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step + 1
+        return trainer._logger_connector.should_update_logs or last_step or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+
+    def log_step_metrics(self) -> None:
+        """Log this training step's losses and metrics and the learning rate now: what a
+        training step logs on the steps the loggers write, and what a callback that stops
+        the run at another step (the non-finite guard) calls, so the step's values are
+        recorded. Only from a hook in which Lightning allows logging."""
+        values, batch_size = self._step_metrics
+        for name, value in values.items():
+            self.log(name, value, prog_bar=name == "train/loss", on_step=True, on_epoch=False, sync_dist=False, batch_size=batch_size)
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self._step(batch, "train")
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
-        return loss
+        return self._step(batch, "train")
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._step(batch, "val")

@@ -163,6 +163,9 @@ class NonFiniteGuard(pl.Callback):
             raise self._error(trainer, trainer.global_step, norm, True, skipped=True)
 
     def _error(self, trainer: pl.Trainer, step: int, norm: Tensor | None, loss_bad: bool, *, skipped: bool = False) -> NonFiniteError:
+        log_now = getattr(trainer.lightning_module, "log_step_metrics", None)
+        if callable(log_now):  # the training module logs a step's terms only on the steps the loggers write
+            log_now()
         _record_losses(trainer)
         terms = describe_terms(trainer.callback_metrics)
         if not terms and loss_bad:

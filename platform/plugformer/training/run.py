@@ -296,6 +296,8 @@ def _summary_path(state: RunState, status: str) -> Path:
 def build_summary(state: RunState, plugins: Plugins, status: str, error: str | None) -> dict[str, Any]:
     trainer = state.trainer
     metrics = {**state.fit_metrics, **(final_metrics(trainer) if trainer is not None else {})}
+    if state.throughput is not None and state.throughput.data_wait_fraction is not None:
+        metrics["perf/data_wait_fraction"] = state.throughput.data_wait_fraction  # the whole run's, not the last log's
     best = state.history.best if state.history is not None else {}
     extra: dict[str, Any] = {}
     if trainer is not None and state.module is not None and rank_zero_only.rank == 0:
@@ -321,6 +323,7 @@ def build_summary(state: RunState, plugins: Plugins, status: str, error: str | N
         "global_step": trainer.global_step if trainer is not None else 0,
         "wall_time_s": round(time.time() - state.started, 3),
         "tokens_per_second": state.throughput.tokens_per_second if state.throughput is not None else None,
+        "data_wait_fraction": state.throughput.data_wait_fraction if state.throughput is not None else None,
         "wandb_dir": str(wandb_dir) if wandb_dir else None,
         "memory": state.memory,
         "extra": extra,
@@ -335,6 +338,6 @@ def _flat_summary(summary: dict[str, Any]) -> dict[str, Any]:
     flat: dict[str, Any] = {name: value for name, value in summary["metrics"].items()}
     flat.update({f"best/{name}": value for name, value in summary["best"].items()})
     flat.update({name: value for name, value in summary["extra"].items()})
-    for key in ("status", "params", "wall_time_s", "tokens_per_second", "global_step"):
+    for key in ("status", "params", "wall_time_s", "tokens_per_second", "data_wait_fraction", "global_step"):
         flat[key] = summary[key]
     return flat

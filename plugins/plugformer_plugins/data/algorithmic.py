@@ -46,7 +46,13 @@ class AlgorithmicConfig:
     val_examples: int = field(default=500, metadata=bounds(ge=1))
     test_examples: int = field(default=500, metadata=bounds(ge=0))
     batch_size: int = field(default=64, metadata=bounds(ge=1))
+    # Loader processes; 0 collates in the training process (the splits are in memory; on a few
+    # CPU cores workers compete with training: see BENCHMARKS.md, data wait).
     num_workers: int = field(default=0, metadata=bounds(ge=0))
+    # Keep the loader processes from one epoch to the next (with num_workers > 0).
+    persistent_workers: bool = True
+    # Page-locked batches for faster GPU copies; null: on exactly when training on a GPU.
+    pin_memory: bool | None = None
     # Batches of examples of similar length (plugformer.batching): less padding per batch.
     bucket_by_length: bool = False
     seed: int = 1234
@@ -121,7 +127,10 @@ class AlgorithmicTask(Seq2SeqTask):
 
     def __init__(self, config: AlgorithmicConfig, ctx: DataContext) -> None:
         check_config(config)
-        super().__init__(ctx.cache_dir, config.batch_size, config.num_workers, bucket_by_length=config.bucket_by_length)
+        super().__init__(
+            ctx.cache_dir, config.batch_size, config.num_workers, bucket_by_length=config.bucket_by_length,
+            persistent_workers=config.persistent_workers, pin_memory=config.pin_memory,
+        )
         self.config = config
 
     def cache_key(self) -> dict[str, Any]:

@@ -61,7 +61,13 @@ class MQARConfig:
     power_a: float = field(default=0.01, metadata=bounds(gt=0.0, le=1.0))
     random_non_queries: bool = True
     batch_size: int = field(default=64, metadata=bounds(ge=1))
+    # Loader processes; 0 collates in the training process (the splits are in memory; on a few
+    # CPU cores workers compete with training: see BENCHMARKS.md, data wait).
     num_workers: int = field(default=0, metadata=bounds(ge=0))
+    # Keep the loader processes from one epoch to the next (with num_workers > 0).
+    persistent_workers: bool = True
+    # Page-locked batches for faster GPU copies; null: on exactly when training on a GPU.
+    pin_memory: bool | None = None
     seed: int = 1234
 
 
@@ -176,7 +182,10 @@ class MQARTask(CachedDatasetTask):
 
     def __init__(self, config: MQARConfig, ctx: DataContext) -> None:
         check_config(config)
-        super().__init__(ctx.cache_dir, config.batch_size, config.num_workers)
+        super().__init__(
+            ctx.cache_dir, config.batch_size, config.num_workers, persistent_workers=config.persistent_workers,
+            pin_memory=config.pin_memory,
+        )
         self.config = config
 
     def cache_key(self) -> dict[str, Any]:

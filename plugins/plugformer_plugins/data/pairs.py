@@ -53,7 +53,13 @@ class PairsConfig:
     # Longest source or target in tokens (longer ones are cut).
     max_length: int = field(default=256, metadata=bounds(ge=1))
     batch_size: int = field(default=32, metadata=bounds(ge=1))
+    # Loader processes; 0 collates in the training process (the splits are in memory; on a few
+    # CPU cores workers compete with training: see BENCHMARKS.md, data wait).
     num_workers: int = field(default=0, metadata=bounds(ge=0))
+    # Keep the loader processes from one epoch to the next (with num_workers > 0).
+    persistent_workers: bool = True
+    # Page-locked batches for faster GPU copies; null: on exactly when training on a GPU.
+    pin_memory: bool | None = None
     # Batches of examples of similar length (plugformer.batching): less padding per batch.
     bucket_by_length: bool = False
 
@@ -178,7 +184,10 @@ class PairsTask(Seq2SeqTask):
                     expected="paths of TSV or JSON-lines files of source/target pairs for training and validation",
                     fix="set data.train_file=<path> data.validation_file=<path>",
                 )
-        super().__init__(ctx.cache_dir, config.batch_size, config.num_workers, bucket_by_length=config.bucket_by_length)
+        super().__init__(
+            ctx.cache_dir, config.batch_size, config.num_workers, bucket_by_length=config.bucket_by_length,
+            persistent_workers=config.persistent_workers, pin_memory=config.pin_memory,
+        )
         self.config = config
         self.tokenizer: PairTokenizer | None = None
         self._pairs: dict[str, list[tuple[str, str]]] = {}
