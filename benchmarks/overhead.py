@@ -1,0 +1,328 @@
+"""What plugformer's training path costs per step over a hand-written PyTorch loop, and how
+much of a step waits for data.
+
+Overhead. The same config is trained three ways, in this one process, for the same steps:
+
+- ``plain``: a PyTorch loop written out here (AdamW, the warm-up schedule, gradient clipping),
+  over the model and the training batches that ``plugformer.build(cfg)`` makes, so both sides
+  train the identical network on identical batches (the script checks that the losses of the
+  first steps agree);
+- ``plugformer``: ``plugformer train``'s path (Lightning, real) with the default logging:
+  metrics.csv, W&B offline, the rich progress bar, the non-finite guard;
+- ``plugformer, logging off``: the same with ``logger=none callbacks.progress_bar=none`` and
+  ``trainer.log_every_n_steps`` beyond the last step (metrics.csv stays, but gets no row while
+  the steps are timed).
+
+A step's time is the time from one training batch's start to the next one's (after the batch
+was fetched, in both loops), so it includes data loading, the optimizer, logging and every
+callback; the first ``--warmup`` steps and start-up are excluded, and validation only runs
+after the last timed step. A repeat's figure is the mean step time over its timed steps; the
+three ways run interleaved, in a rotating order, ``--repeats`` times, so a loaded machine
+slows them alike. The table gives the median over repeats with min–max, and the overhead as
+the median of each repeat's ratio to the plain loop of the same repeat.
+
+Data wait. ``summary.json``'s ``data_wait_fraction`` (also logged as
+``perf/data_wait_fraction``) of short runs of the default run and of ``experiment=listops_small``
+(padded sequences) with and without length bucketing.
+
+Writes the section "Platform overhead" of BENCHMARKS.md (between HTML comment markers; other
+sections are kept). Usage (one thread, as the CLI would choose on a loaded machine):
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/overhead.py [--repeats 7] [--steps 60] [--warmup 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import torch  # noqa: E402
+
+from _report import write_section  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+START, END = "<!-- overhead:start -->", "<!-- overhead:end -->"
+TARGET = 0.01
+LOSS_CHECK_STEPS = 5
+
+#: How the plugformer variants differ from the default run's config.
+LOGGING_OFF = ["logger=none", "callbacks.progress_bar=none"]
+
+
+class StepClock:
+    """A run-level plugin (the ``lightning_callbacks`` hook, as any plugin would add one) whose
+    callback notes the time each training batch starts and the loss of the first steps."""
+
+    def __init__(self) -> None:
+        self.starts: list[tuple[float, float]] = []
+        self.losses: list[float] = []
+
+    def callback(self) -> Any:
+        import lightning.pytorch as pl
+
+        clock = self
+
+        class _Clock(pl.Callback):
+            def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
+                clock.starts.append((time.perf_counter(), time.process_time()))
+
+            def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+                if len(clock.losses) < LOSS_CHECK_STEPS:
+                    clock.losses.append(float(outputs["loss"].detach()))
+
+        return _Clock()
+
+
+def mean_step(starts: list[tuple[float, float]], warmup: int, steps: int) -> tuple[float, float]:
+    """Mean (wall, CPU) seconds per step over steps ``warmup`` .. ``warmup + steps`` (batch
+    start to batch start); CPU: this process's, all its threads."""
+    window = starts[warmup : warmup + steps + 1]
+    if len(window) < steps + 1:
+        raise RuntimeError(f"only {len(starts)} steps were timed, {warmup + steps + 1} needed")
+    return (window[-1][0] - window[0][0]) / steps, (window[-1][1] - window[0][1]) / steps
+
+
+def compose(overrides: list[str]) -> Any:
+    import plugformer
+
+    return plugformer.compose(overrides)
+
+
+def run_plain(overrides: list[str], total_steps: int) -> tuple[list[float], list[float]]:
+    """The hand-written loop: batch start times and the first losses."""
+    import plugformer
+    from plugformer.config import optim_config
+    from plugformer.training.optim import build_optimizer
+
+    cfg = compose(overrides)
+    built = plugformer.build(cfg)
+    model, data = built.model, built.data
+    model.train()
+    optimizer, scheduler = build_optimizer(model, optim_config(cfg), total_steps)
+    clip = float(cfg.trainer.gradient_clip_val)
+    starts: list[tuple[float, float]] = []
+    losses: list[float] = []
+    step = 0
+    while step < total_steps:
+        for batch in data.train_dataloader():
+            starts.append((time.perf_counter(), time.process_time()))
+            batch = model.objective.prepare_batch(batch)
+            loss = model(batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            if len(losses) < LOSS_CHECK_STEPS:
+                losses.append(float(loss.detach()))
+            step += 1
+            if step >= total_steps:
+                break
+    return starts, losses
+
+
+def run_plugformer(overrides: list[str], run_dir: Path) -> tuple[list[float], list[float], dict[str, Any]]:
+    """``plugformer train``'s path in this process: batch start times, first losses, summary."""
+    from omegaconf import open_dict
+
+    from plugformer.hookspecs import hookimpl
+    from plugformer.plugins import load_plugins
+    from plugformer.resume import new_run_id, write_run_id
+    from plugformer.training.run import train
+
+    clock = StepClock()
+
+    class ClockPlugin:
+        @hookimpl
+        def lightning_callbacks(self, cfg: Any) -> list[Any]:
+            return [clock.callback()]
+
+    cfg = compose([*overrides, f"run_dir={run_dir}"])
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plugins = load_plugins()
+    plugins.manager.register(ClockPlugin(), name="benchmark:step-clock")
+    run_id = new_run_id()
+    write_run_id(run_dir, run_id)
+    summary = train(cfg, plugins, run_dir, run_id=run_id)
+    return clock.starts, clock.losses, summary
+
+
+def quiet() -> Callable[[], None]:
+    """Send this process's stdout (progress bars, run headers) to /dev/null; returns the undo."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
+
+    def restore() -> None:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+    return restore
+
+
+def spread(values: list[float], scale: float = 1.0, fmt: str = "{:.1f}") -> str:
+    return f"{fmt.format(statistics.median(values) * scale)} ({fmt.format(min(values) * scale)}–{fmt.format(max(values) * scale)})"
+
+
+def measure_overhead(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    total = args.warmup + args.steps + 1
+    base = [*args.overrides, f"trainer.max_steps={total}", f"trainer.val_check_interval={total}"]
+    variants: dict[str, Callable[[int], tuple[list[tuple[float, float]], list[float]]]] = {
+        "plain PyTorch loop": lambda r: run_plain(base, total),
+        "plugformer (CSV + W&B offline, progress bar)": lambda r: run_plugformer(base, workdir / f"default-{r}")[:2],
+        "plugformer, logging off": lambda r: run_plugformer(
+            [*base, *LOGGING_OFF, f"trainer.log_every_n_steps={total + 1}"], workdir / f"off-{r}"
+        )[:2],
+    }
+    names = list(variants)
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    losses: dict[str, list[float]] = {}
+    for repeat in range(args.repeats):
+        order = names[repeat % len(names):] + names[: repeat % len(names)]
+        for name in order:
+            restore = quiet()
+            try:
+                starts, first_losses = variants[name](repeat)
+            finally:
+                restore()
+            step_wall, step_cpu = mean_step(starts, args.warmup, args.steps)
+            wall[name].append(step_wall)
+            cpu[name].append(step_cpu)
+            losses.setdefault(name, first_losses)
+            print(f"  repeat {repeat + 1}/{args.repeats} {name}: {1000 * step_wall:.2f} ms/step, {1000 * step_cpu:.2f} CPU ms/step", flush=True)
+    plain = names[0]
+
+    def ratios(times: dict[str, list[float]]) -> dict[str, list[float]]:
+        return {name: [t / p - 1 for t, p in zip(times[name], times[plain])] for name in names[1:]}
+
+    return {"wall": wall, "cpu": cpu, "wall_ratios": ratios(wall), "cpu_ratios": ratios(cpu), "losses": losses, "plain": plain}
+
+
+def measure_data_wait(args: argparse.Namespace, workdir: Path) -> dict[str, dict[str, Any]]:
+    steps = args.data_steps
+    runs = {
+        "default run (MQAR, no padding)": [],
+        "listops_small, length bucketing (its default)": ["experiment=listops_small", "data.bucket_by_length=true"],
+        "listops_small, no bucketing": ["experiment=listops_small", "data.bucket_by_length=false"],
+    }
+    results = {}
+    for index, (name, overrides) in enumerate(runs.items()):
+        run = [*overrides, f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "test_after_fit=false", *LOGGING_OFF]
+        restore = quiet()
+        try:
+            _, _, summary = run_plugformer(run, workdir / f"data-{index}")
+        finally:
+            restore()
+        results[name] = {"fraction": summary["data_wait_fraction"], "tokens_per_second": summary["tokens_per_second"]}
+        print(f"  {name}: data wait {summary['data_wait_fraction']:.4f}", flush=True)
+    return results
+
+
+def verdict(ratios: list[float]) -> str:
+    median = statistics.median(ratios)
+    return "met" if median <= TARGET else f"missed by {100 * (median - TARGET):.2f} points"
+
+
+def report(args: argparse.Namespace, overhead: dict[str, Any], data_wait: dict[str, dict[str, Any]], load: tuple[float, float]) -> str:
+    plain = overhead["plain"]
+    reference = overhead["losses"][plain]
+    same = all(
+        len(losses) == len(reference) and all(abs(a - b) <= 1e-5 * max(1.0, abs(b)) for a, b in zip(losses, reference))
+        for losses in overhead["losses"].values()
+    )
+    lines = [
+        START,
+        "## Platform overhead per step",
+        "",
+        "The same model trained on the same batches for the same steps by a plain PyTorch loop (AdamW, the warm-up schedule, "
+        "gradient clipping at 1.0, over the model and training batches `plugformer.build(cfg)` makes) and by `plugformer train`'s "
+        "path (Lightning) with the default logging (metrics.csv, W&B offline, rich progress bar, non-finite guard) and with "
+        "logging off (`logger=none callbacks.progress_bar=none`, no metrics row while timed). Step time: batch start to the "
+        "next batch start (data loading, optimizer, logging and callbacks included), mean over "
+        f"{args.steps} steps after {args.warmup} warm-up steps, start-up and validation excluded; {args.repeats} repeats, the three "
+        "ways interleaved in a rotating order in one process. Overhead: median over repeats of each repeat's ratio to the plain "
+        "loop of the same repeat (min–max in brackets). CPU: this process's CPU time per step (all its threads; W&B's writer "
+        "is a separate service process and is not counted), which load from other processes disturbs far less than wall time. "
+        f"The first {LOSS_CHECK_STEPS} losses of every way {'agree' if same else 'DIFFER'} (identical network and batches).",
+        "",
+        f"Config: the default run (`{' '.join(args.overrides) or 'plugformer train'}`: MQAR, a 2-layer hybrid decoder, batch 64 of 64 tokens). "
+        f"Machine: {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} thread(s), Python "
+        f"{sys.version.split()[0]}; measured {datetime.date.today().isoformat()} **under load** from other processes (1-minute load "
+        f"average {load[0]:.1f} at the start, {load[1]:.1f} at the end), so single figures are noisy: read the spread. Reproduce with "
+        f"`OMP_NUM_THREADS=1 .venv/bin/python benchmarks/overhead.py --repeats {args.repeats} --steps {args.steps} --warmup {args.warmup}"
+        f" --data-steps {args.data_steps}`.",
+        "",
+        "| way | ms per step | overhead | CPU ms per step | CPU overhead | target ≤ 1% (CPU; wall) |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for name in overhead["wall"]:
+        wall, cpu = overhead["wall"][name], overhead["cpu"][name]
+        if name == plain:
+            lines.append(f"| {name} | {spread(wall, 1000, '{:.2f}')} | — | {spread(cpu, 1000, '{:.2f}')} | — | |")
+            continue
+        wall_ratio, cpu_ratio = overhead["wall_ratios"][name], overhead["cpu_ratios"][name]
+        lines.append(
+            f"| {name} | {spread(wall, 1000, '{:.2f}')} | {spread(wall_ratio, 100, '{:+.2f}')} % | {spread(cpu, 1000, '{:.2f}')} | "
+            f"{spread(cpu_ratio, 100, '{:+.2f}')} % | {verdict(cpu_ratio)}; {verdict(wall_ratio)} |"
+        )
+    lines += [
+        "",
+        "### Data wait",
+        "",
+        "`data_wait_fraction` in summary.json (logged as `perf/data_wait_fraction`): the share of training time between one "
+        "batch's end and the next one's start (fetching and collating the next batch, moving it to the device, the loop's "
+        "bookkeeping), over all training steps but the first, validation excluded. "
+        f"Runs of {args.data_steps} steps with `data.num_workers=0` (the default of every task: the splits are in memory) "
+        "and logging off.",
+        "",
+        "| run | data wait | tokens/s |",
+        "|---|---:|---:|",
+    ]
+    for name, values in data_wait.items():
+        lines.append(f"| {name} | {100 * values['fraction']:.2f} % | {values['tokens_per_second']:.0f} |")
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved repeats of the three ways (default 7)")
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per repeat (default 60)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps before them (default 10)")
+    parser.add_argument("--data-steps", type=int, default=100, help="steps of each data-wait run (default 100)")
+    parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md", help="the file whose section is replaced")
+    parser.add_argument("--no-write", action="store_true", help="print the section instead of writing it")
+    parser.add_argument("overrides", nargs="*", help="config overrides of the measured run (default: the default run)")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    os.chdir(REPO)
+    load_start = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="plugformer-overhead-") as tmp:
+        overhead = measure_overhead(args, Path(tmp))
+        data_wait = measure_data_wait(args, Path(tmp))
+    text = report(args, overhead, data_wait, (load_start, os.getloadavg()[0]))
+    print(text)
+    if not args.no_write:
+        write_section(args.out, text, START, END)
+
+
+if __name__ == "__main__":
+    main()
