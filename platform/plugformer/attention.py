@@ -18,12 +18,13 @@ g: grouped-query, Ainslie et al. 2023); the cache stores only the key/value head
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from plugformer.components import BuildContext, PositionEncoding, mark_residual_projection
 from plugformer.errors import ConfigError
@@ -112,6 +113,55 @@ def repeat_kv(x: Tensor, n_heads: int) -> Tensor:
     serves n_heads / kv_heads consecutive query heads."""
     kv_heads = x.shape[1]
     return x if kv_heads == n_heads else x.repeat_interleave(n_heads // kv_heads, dim=1)
+
+
+#: Elements of one chunk's score tensor that :func:`chunk_count` aims for (512 KiB in float32).
+CHUNK_ELEMENTS = 2**17
+
+
+def chunk_count(total: int, elements_per_item: int, budget: int | None = None) -> int:
+    """Items per chunk so that a chunk's largest intermediate (``elements_per_item`` per item,
+    e.g. the scores of one block of queries) stays near ``budget`` elements (default:
+    :data:`CHUNK_ELEMENTS`, read at each call so tests can lower it); at least 1."""
+    budget = CHUNK_ELEMENTS if budget is None else budget
+    return max(1, min(total, budget // max(1, elements_per_item)))
+
+
+def recomputed_chunks(
+    fn: Callable[[int, int], Tensor], total: int, step: int, *, dim: int | None
+) -> Tensor:
+    """``fn(start, stop)`` over consecutive ranges [start, stop) of ``total`` items, ``step``
+    items at a time, joined along ``dim`` (``torch.cat``) or summed when ``dim`` is None.
+
+    The memory contract: while autograd records, each range runs under a non-reentrant
+    :func:`torch.utils.checkpoint.checkpoint`, so nothing ``fn`` computes is kept for the
+    backward pass: only the outputs are, and each range's intermediates (scores, softmax
+    weights, gathered key blocks) are recomputed one range at a time in the backward pass.
+    Peak memory is then that of one range instead of all of them, at the cost of running
+    ``fn``'s forward twice. ``fn`` may close over tensors that require grad (the full q, k,
+    v): gradients reach them as usual. Dropout inside ``fn`` is replayed identically (the
+    RNG state is restored for the recomputation). Without autograd (inference, or no input
+    requiring grad) the ranges run plainly, which still bounds the peak to one range.
+    """
+    if total < 1 or step < 1:
+        raise ValueError(f"recomputed_chunks needs total ≥ 1 and step ≥ 1, got total={total}, step={step}")
+    record = torch.is_grad_enabled()
+    parts: list[Tensor] = []
+    result: Tensor | None = None
+    for start in range(0, total, step):
+        stop = min(total, start + step)
+        if record:
+            part = checkpoint(fn, start, stop, use_reentrant=False, preserve_rng_state=True)
+        else:
+            part = fn(start, stop)
+        if dim is None:
+            result = part if result is None else result + part
+        else:
+            parts.append(part)
+    if dim is None:
+        assert result is not None
+        return result
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 class Attention(nn.Module):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from plugformer import Attention, AttentionState, BuildContext, Capabilities, Component, ConfigError, bounds
+from plugformer.attention import chunk_count, recomputed_chunks
 
 
 @dataclass
@@ -112,20 +113,45 @@ class LinearAttention(Attention):
         k_positions: Tensor,
         state: AttentionState | None = None,
     ) -> Tensor:
+        if not self.causal:
+            return self._bidirectional(q, k, v, key_padding_mask, q_positions, k_positions)
         phi_q, phi_k, values = feature_map(q), feature_map(k), v.float()
         if key_padding_mask is not None:
             phi_k = phi_k * key_padding_mask[:, None, :, None].to(phi_k.dtype)
         rotated_q, _ = super().transform_qk(phi_q, phi_q, q_positions)
         _, rotated_k = super().transform_qk(phi_k, phi_k, k_positions)
-        if self.causal:
-            numerator, denominator = self._causal_sums(rotated_q, rotated_k, phi_q, phi_k, values)
-            if isinstance(state, RecurrentState):
-                numerator, denominator = state.add_to(numerator, denominator, rotated_q, phi_q)
-                state.update(rotated_k, phi_k, values)
-        else:
-            numerator = torch.matmul(rotated_q, torch.einsum("bhnd,bhne->bhde", rotated_k, values))
-            denominator = torch.matmul(phi_q, phi_k.sum(dim=-2).unsqueeze(-1)).squeeze(-1)
+        numerator, denominator = self._causal_sums(rotated_q, rotated_k, phi_q, phi_k, values)
+        if isinstance(state, RecurrentState):
+            numerator, denominator = state.add_to(numerator, denominator, rotated_q, phi_q)
+            state.update(rotated_k, phi_k, values)
         return (numerator / (denominator.unsqueeze(-1) + self.eps)).to(v.dtype)
+
+    def _bidirectional(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, q_positions: Tensor, k_positions: Tensor
+    ) -> Tensor:
+        """S = Σ_j rφ(k_j) v_jᵀ and z = Σ_j φ(k_j) over key chunks, then each chunk of queries
+        rφ(q_i)ᵀS / (φ(q_i)ᵀz + eps); both through :func:`recomputed_chunks`, so the
+        (length × head_dim) features are never kept for the backward pass."""
+        length, k_length, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+        rows = chunk_count(length, q[..., :1, :].numel() * 4)  # a few feature-sized tensors per row
+
+        def key_sums(start: int, stop: int) -> Tensor:  # (b, h, hd, hd + 1): [S | z]
+            phi_k = feature_map(k[..., start:stop, :])
+            if key_padding_mask is not None:
+                phi_k = phi_k * key_padding_mask[:, None, start:stop, None].to(phi_k.dtype)
+            _, rotated_k = Attention.transform_qk(self, phi_k, phi_k, k_positions[..., start:stop])
+            return torch.cat([rotated_k.transpose(-1, -2) @ v[..., start:stop, :].float(), phi_k.sum(dim=-2).unsqueeze(-1)], dim=-1)
+
+        sums = recomputed_chunks(key_sums, k_length, chunk_count(k_length, k[..., :1, :].numel() * 4), dim=None)
+        kv, z = sums[..., :head_dim], sums[..., head_dim:]
+
+        def queries(start: int, stop: int) -> Tensor:
+            phi_q = feature_map(q[..., start:stop, :])
+            rotated_q, _ = Attention.transform_qk(self, phi_q, phi_q, q_positions[..., start:stop])
+            numerator, denominator = rotated_q @ kv, phi_q @ z
+            return (numerator / (denominator + self.eps)).to(v.dtype)
+
+        return recomputed_chunks(queries, length, rows, dim=-2)
 
     def _causal_sums(
         self, rotated_q: Tensor, rotated_k: Tensor, phi_q: Tensor, phi_k: Tensor, values: Tensor

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from plugformer import Attention, AttentionState, BuildContext, Capabilities, Component, ConfigError, bounds
+from plugformer.attention import chunk_count, recomputed_chunks
 
 
 @dataclass
@@ -153,45 +154,72 @@ class SlidingWindowAttention(Attention):
     def _attend_windows(
         self, q: Tensor, k: Tensor, v: Tensor, *, valid: Tensor, positions: Tensor, extra: ExtraKeys | None = None
     ) -> Tensor:
-        """Undilated window attention; q/k/v (..., m, head_dim), valid (batch, R, m), positions (batch or 1, R, m)."""
+        """Undilated window attention; q/k/v (..., m, head_dim), valid (batch, R, m), positions (batch or 1, R, m).
+
+        The blocks of queries run a few at a time through :func:`recomputed_chunks`: each chunk
+        slices (and pads) just the keys its windows reach, and its scores are recomputed in
+        the backward pass, so no (length × span) tensor is ever kept."""
         m = q.shape[-2]
         block = min(self.window, m)
         n_blocks = -(-m // block)
-        tail = n_blocks * block - m
         ahead = 0 if self.causal else block  # bidirectional windows also reach into the next block
         span = 2 * block + ahead
+        keys = span + (0 if extra is None else extra.keys.shape[-2])
+        per_block = q[..., :1, :1].numel() * block * keys  # score elements of one block of queries
+        step = chunk_count(n_blocks, per_block)
+
+        def chunk(first: int, last: int) -> Tensor:
+            return self._window_chunk(q, k, v, valid, positions, extra, first, last, block=block, ahead=ahead)
+
+        out = recomputed_chunks(chunk, n_blocks, step, dim=-3)
+        return out.flatten(-3, -2)[..., :m, :]
+
+    def _window_chunk(
+        self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor, positions: Tensor, extra: ExtraKeys | None,
+        first: int, last: int, *, block: int, ahead: int,
+    ) -> Tensor:
+        """Blocks ``first`` ≤ c < ``last`` of queries: (..., last − first, block, head_dim)."""
+        m = q.shape[-2]
+        span = 2 * block + ahead
+        # Key slot s of block c is index (c − 1)·block + s: this chunk reaches keys lo ≤ j < hi.
+        lo, hi = (first - 1) * block, last * block + ahead
+        before, after = max(0, -lo), max(0, hi - m)
 
         def windows(x: Tensor, dim: int, fill: float | bool) -> Tensor:
-            # Key slot s of block c is index (c − 1)·block + s; the unfolded axis goes last.
-            return _pad(x, dim, block, tail + ahead, fill).unfold(dim, span, block)
+            # The unfolded axis goes last.
+            part = x.narrow(dim, lo + before, hi - after - lo - before)
+            return _pad(part, dim, before, after, fill).unfold(dim, span, block)
 
-        q_blocks = _pad(q, -2, 0, tail, 0.0).unflatten(-2, (n_blocks, block))  # (..., nb, block, hd)
-        k_windows = windows(k, -2, 0.0).transpose(-1, -2)  # (..., nb, span, hd)
-        v_windows = windows(v, -2, 0.0).transpose(-1, -2)  # (..., nb, span, hd)
-        key_valid = windows(valid, -1, False)  # (batch, R, nb, span)
+        q_stop = min(m, last * block)
+        q_blocks = _pad(q[..., first * block : q_stop, :], -2, 0, last * block - q_stop, 0.0).unflatten(-2, (-1, block))
+        k_windows = windows(k, -2, 0.0).transpose(-1, -2)  # (..., nc, span, hd)
+        v_windows = windows(v, -2, 0.0).transpose(-1, -2)  # (..., nc, span, hd)
+        key_valid = windows(valid, -1, False)  # (batch, R, nc, span)
 
         # i − j for query row t and key slot s of the same block: t + block − s.
         offset = (
             torch.arange(block, device=q.device)[:, None] + block - torch.arange(span, device=q.device)[None, :]
         )
         band = (offset >= 0) & (offset < self.window) if self.causal else offset.abs() < self.window
-        allowed = band & key_valid[:, None, :, :, None, :]  # (batch, 1, R, nb, block, span)
-        q_positions = _pad(positions, -1, 0, tail, 0).unflatten(-1, (n_blocks, block))
+        allowed = band & key_valid[:, None, :, :, None, :]  # (batch, 1, R, nc, block, span)
+        p_stop = min(m, last * block)
+        q_positions = _pad(positions[..., first * block : p_stop], -1, 0, last * block - p_stop, 0).unflatten(-1, (-1, block))
         k_positions = windows(positions, -1, 0)
         if extra is not None:
             k_windows, v_windows, allowed, k_positions = self._append_extra(
-                extra, k_windows, v_windows, allowed, k_positions, block
+                extra, k_windows, v_windows, allowed, k_positions, block, first=first
             )
-        out = self.explicit_attend(q_blocks, k_windows, v_windows, allowed, q_positions, k_positions)
-        return out.flatten(-3, -2)[..., :m, :]
+        return self.explicit_attend(q_blocks, k_windows, v_windows, allowed, q_positions, k_positions)
 
     def _append_extra(
-        self, extra: ExtraKeys, k_windows: Tensor, v_windows: Tensor, allowed: Tensor, k_positions: Tensor, block: int
+        self, extra: ExtraKeys, k_windows: Tensor, v_windows: Tensor, allowed: Tensor, k_positions: Tensor, block: int,
+        *, first: int = 0,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Each block's window keys followed by the g extra keys (the same for every block)."""
+        """Each block's window keys followed by the g extra keys (the same for every block);
+        the windows are those of blocks ``first``, ``first`` + 1, ..."""
         residues, n_blocks = k_windows.shape[2], k_windows.shape[3]
         # Sequence index of query row t of block c in residue r: (c·block + t)·d + r.
-        rows = torch.arange(n_blocks * block, device=k_windows.device).view(n_blocks, block)
+        rows = torch.arange(first * block, (first + n_blocks) * block, device=k_windows.device).view(n_blocks, block)
         query_index = rows * self.dilation + torch.arange(residues, device=rows.device)[:, None, None]
         distance = query_index[None, ..., None] - extra.index[:, None, None, None, :]  # (batch, R, nb, block, g)
         reach = (self.window - 1) * self.dilation
