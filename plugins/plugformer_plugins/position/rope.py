@@ -129,10 +129,12 @@ class RotaryPosition(PositionEncoding):
         if self.half:  # pairs (k, k + d/2): Hugging Face's rotate_half
             first, second = rotated.to(cos.dtype).chunk(2, dim=-1)
             turned = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
-            return torch.cat((turned.to(x.dtype), passed), dim=-1)
-        pairs = rotated.to(cos.dtype).unflatten(-1, (-1, 2))
-        even, odd = pairs[..., 0], pairs[..., 1]
-        turned = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+        else:
+            pairs = rotated.to(cos.dtype).unflatten(-1, (-1, 2))
+            even, odd = pairs[..., 0], pairs[..., 1]
+            turned = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+        if not passed.shape[-1]:  # every dimension rotated: no copy through an empty concatenation
+            return turned.to(x.dtype)
         return torch.cat((turned.to(x.dtype), passed), dim=-1)
 
     def transform_qk(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
