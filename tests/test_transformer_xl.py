@@ -262,7 +262,8 @@ def test_two_ddp_ranks_each_carry_their_own_memory(tmp_path: Path) -> None:
     result = run_cli("train", *args, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=6",
                      "trainer.val_check_interval=6", "trainer.limit_val_batches=4", f"run_dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Starting with 2 processes" in result.stderr + result.stdout
+    logs = result.stderr + result.stdout + (run_dir / "train.log").read_text()  # library messages may go to train.log
+    assert "Starting with 2 processes" in logs
     summary = read_summary(run_dir)
     assert summary["status"] == "finished" and summary["global_step"] == 6
     assert math.isfinite(summary["metrics"]["val/loss"])
