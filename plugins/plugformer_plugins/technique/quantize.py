@@ -85,7 +85,11 @@ def retie_shared(reference: nn.Module, converted: nn.Module) -> None:
             first[id(module)] = name
             continue
         parent_name, _, child = name.rpartition(".")
-        setattr(converted.get_submodule(parent_name) if parent_name else converted, child, converted.get_submodule(first[id(module)]))
+        try:
+            parent, target = converted.get_submodule(parent_name) if parent_name else converted, converted.get_submodule(first[id(module)])
+        except AttributeError:
+            continue  # inside a module the conversion replaced (a fake-quantize observer)
+        setattr(parent, child, target)
 
 
 def quantize_model(model: nn.Module, include_head: bool = True) -> nn.Module:
