@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from plugformer import Attention, AttentionState, BuildContext, Capabilities, Component, ConfigError, bounds
+from plugformer.attention import chunk_count, recomputed_chunks
 
 
 @dataclass
@@ -119,9 +120,12 @@ class BigBirdAttention(Attention):
         if g:
             global_rows = min(g * b, length)
             allowed = valid[:, None, None, :]
-            outputs.append(
-                self.explicit_attend(q[..., :global_rows, :], k, v, allowed, q_positions[:, :global_rows], k_positions)
-            )
+
+            def global_chunk(first: int, last: int) -> Tensor:  # global query rows first..last−1 see every key
+                return self.explicit_attend(q[..., first:last, :], k, v, allowed, q_positions[:, first:last], k_positions)
+
+            step = chunk_count(global_rows, q[..., :1, :1].numel() * k.shape[-2])
+            outputs.append(recomputed_chunks(global_chunk, global_rows, step, dim=-2))
         if n_blocks > g:
             outputs.append(self._attend_sparse(q, k, v, valid, q_positions, n_blocks, g))
         return torch.cat(outputs, dim=-2)[..., :length, :]
@@ -148,24 +152,32 @@ class BigBirdAttention(Attention):
         slot_ok = torch.cat([window_ok, random_ok[g:]], dim=-1)
         m = n_blocks - g
 
-        def gather(x: Tensor) -> Tensor:  # (batch, heads, nb, b, hd) → (batch, heads, m, (g + w + r)·b, hd)
-            chosen = x[:, :, index].flatten(-3, -2)
-            shared = x[:, :, :g].flatten(-3, -2)[:, :, None].expand(-1, -1, m, -1, -1)
-            return torch.cat([shared, chosen], dim=-2)
-
-        def gather_tokens(x: Tensor) -> Tensor:  # (batch or 1, nb, b) → (batch or 1, m, (g + w + r)·b)
-            chosen = x[:, index].flatten(-2)
-            shared = x[:, :g].flatten(-2)[:, None].expand(-1, m, -1)
-            return torch.cat([shared, chosen], dim=-1)
-
         slots = torch.cat([torch.ones(m, g, dtype=torch.bool, device=q.device), slot_ok], dim=-1)
-        key_ok = gather_tokens(valid_blocks) & slots.repeat_interleave(b, dim=-1)  # (batch, m, Lk)
         q_blocks = blocks(q, -2, 0.0)[:, :, g:]  # (batch, heads, m, b, hd)
-        out = self.explicit_attend(
-            q_blocks, gather(k_blocks), gather(v_blocks), key_ok[:, None, :, None, :],
-            position_blocks[:, g:], gather_tokens(position_blocks),
-        )
-        return out.flatten(-3, -2)
+
+        def chunk(first: int, last: int) -> Tensor:
+            """Non-global query blocks g + first ≤ c < g + last: (batch, heads, last − first, b, hd)."""
+            rows = index[first:last]
+
+            def gather(x: Tensor) -> Tensor:  # (batch, heads, nb, b, hd) → (batch, heads, mc, (g + w + r)·b, hd)
+                chosen = x[:, :, rows].flatten(-3, -2)
+                shared = x[:, :, :g].flatten(-3, -2)[:, :, None].expand(-1, -1, last - first, -1, -1)
+                return torch.cat([shared, chosen], dim=-2)
+
+            def gather_tokens(x: Tensor) -> Tensor:  # (batch or 1, nb, b) → (batch or 1, mc, (g + w + r)·b)
+                chosen = x[:, rows].flatten(-2)
+                shared = x[:, :g].flatten(-2)[:, None].expand(-1, last - first, -1)
+                return torch.cat([shared, chosen], dim=-1)
+
+            key_ok = gather_tokens(valid_blocks) & slots[first:last].repeat_interleave(b, dim=-1)  # (batch, mc, Lk)
+            return self.explicit_attend(
+                q_blocks[:, :, first:last], gather(k_blocks), gather(v_blocks), key_ok[:, None, :, None, :],
+                position_blocks[:, g + first : g + last], gather_tokens(position_blocks),
+            )
+
+        # A few query blocks at a time, recomputed in backward: no gathered keys or scores kept.
+        step = chunk_count(m, q[..., :1, :1].numel() * b * b * slots.shape[-1])
+        return recomputed_chunks(chunk, m, step, dim=-3).flatten(-3, -2)
 
     def _draw(self, n_blocks: int, device: torch.device) -> tuple[Tensor, Tensor]:
         if self.training and self.resample:

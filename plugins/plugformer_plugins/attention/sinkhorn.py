@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from plugformer import Attention, AttentionState, BuildContext, Capabilities, Component, bounds
+from plugformer.attention import chunk_count, recomputed_chunks
 
 
 @dataclass
@@ -124,31 +125,45 @@ class SinkhornAttention(Attention):
         valid = torch.cat([valid, valid.new_zeros(batch, tail)], dim=-1)
         real = valid.view(batch, 1, n_blocks, block)
         dtype = torch.promote_types(q.dtype, torch.float32)
-        q, k, v = (F.pad(t.to(dtype), (0, 0, 0, tail)).unflatten(-2, (n_blocks, block)) for t in (q, k, v))
-        k = k * real[..., None].to(dtype)  # padded keys and values never enter a mixture
-        v = v * real[..., None].to(dtype)
+        q, k, v = (_blocks(t.to(dtype), tail, n_blocks) for t in (q, k, v))
+        if key_padding_mask is not None or tail:
+            k = k * real[..., None].to(dtype)  # padded keys and values never enter a mixture
+            v = v * real[..., None].to(dtype)
 
         permutation = self.sort_blocks(k, real)  # (b, h, nb, nb)
-        mass = torch.matmul(permutation, real.to(dtype))  # μ, (b, h, nb, block)
-        present = mass > 0  # some block has a real key in this slot
+        real_f = real.to(dtype)
         tiny = torch.finfo(dtype).tiny
-        inverse = torch.where(present, 1.0 / mass.clamp_min(tiny), torch.zeros_like(mass)).unsqueeze(-1)
-        sorted_k = torch.matmul(permutation, k.flatten(-2)).unflatten(-1, (block, head_dim)) * inverse
-        sorted_v = torch.matmul(permutation, v.flatten(-2)).unflatten(-1, (block, head_dim)) * inverse
 
-        q = q * self.scale
-        own = torch.matmul(q, k.transpose(-1, -2))  # (b, h, nb, block, block)
-        mixed = torch.matmul(q, sorted_k.transpose(-1, -2)) + torch.log(mass.clamp_min(tiny)).unsqueeze(-2)
-        scores = torch.cat([own, mixed], dim=-1)
-        allowed = torch.cat([real.expand(batch, heads, -1, -1), present], dim=-1).unsqueeze(-2)
-        # A finite fill: rows without a visible key get uniform weights, zeroed below.
-        scores = scores.masked_fill(~allowed, torch.finfo(dtype).min)
-        weights = torch.softmax(scores, dim=-1)
-        if self.training and self.dropout > 0:
-            weights = F.dropout(weights, p=self.dropout)
-        out = torch.matmul(weights[..., :block], v) + torch.matmul(weights[..., block:], sorted_v)
-        out = out.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
+        def chunk(first: int, last: int) -> Tensor:
+            """Blocks first ≤ c < last of queries: (b, h, last − first, block, head_dim)."""
+            rows = permutation[:, :, first:last]  # (b, h, c, nb)
+            mass = torch.matmul(rows, real_f)  # μ, (b, h, c, block)
+            present = mass > 0  # some block has a real key in this slot
+            inverse = torch.where(present, 1.0 / mass.clamp_min(tiny), torch.zeros_like(mass)).unsqueeze(-1)
+            sorted_k = torch.matmul(rows, k.flatten(-2)).unflatten(-1, (block, head_dim)) * inverse
+            sorted_v = torch.matmul(rows, v.flatten(-2)).unflatten(-1, (block, head_dim)) * inverse
+            q_chunk = q[:, :, first:last] * self.scale
+            own = torch.matmul(q_chunk, k[:, :, first:last].transpose(-1, -2))  # (b, h, c, block, block)
+            mixed = torch.matmul(q_chunk, sorted_k.transpose(-1, -2)) + torch.log(mass.clamp_min(tiny)).unsqueeze(-2)
+            scores = torch.cat([own, mixed], dim=-1)
+            allowed = torch.cat([real[:, :, first:last].expand(batch, heads, -1, -1), present], dim=-1).unsqueeze(-2)
+            # A finite fill: rows without a visible key get uniform weights, zeroed below.
+            scores.masked_fill_(~allowed, torch.finfo(dtype).min)  # in place: cat's output, needed by no backward
+            weights = torch.softmax(scores, dim=-1)
+            if self.training and self.dropout > 0:
+                weights = F.dropout(weights, p=self.dropout)
+            out = torch.matmul(weights[..., :block], v[:, :, first:last]) + torch.matmul(weights[..., block:], sorted_v)
+            return out.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
+
+        # Blocks of queries a few at a time, recomputed in backward: no (length × 2·block) scores kept.
+        step = chunk_count(n_blocks, batch * heads * block * max(2 * block, n_blocks))
+        out = recomputed_chunks(chunk, n_blocks, step, dim=2)
         return out.flatten(2, 3)[:, :, :length].to(out_dtype)
+
+
+def _blocks(x: Tensor, tail: int, n_blocks: int) -> Tensor:
+    """(b, h, n, hd) padded with ``tail`` zero rows → (b, h, n_blocks, block, hd)."""
+    return (F.pad(x, (0, 0, 0, tail)) if tail else x).unflatten(-2, (n_blocks, -1))
 
 
 def capabilities(config: SinkhornConfig) -> Capabilities:

@@ -164,3 +164,22 @@ def windows(x: Tensor, dim: int, size: int, before: int, after: int, fill: float
     shape_before[dim], shape_after[dim] = before * size, after * size
     padded = torch.cat([x.new_full(shape_before, fill), x, x.new_full(shape_after, fill)], dim=dim)
     return padded.unfold(dim, span, size)
+
+
+def windows_of(
+    x: Tensor, dim: int, size: int, before: int, after: int, fill: float | bool | int, first: int, last: int
+) -> Tensor:
+    """:func:`windows` of the blocks ``first`` ≤ c < ``last`` only, built from the slice of
+    ``x`` they reach (no padded copy of the whole sequence): (..., last − first, ..., span)."""
+    length = x.shape[dim]
+    lo, hi = (first - before) * size, (last + after) * size
+    start, stop = max(0, lo), min(length, hi)
+    part = x.narrow(dim, start, stop - start)
+    pieces = []
+    for missing in (start - lo, hi - stop):
+        shape = list(x.shape)
+        shape[dim] = missing
+        pieces.append(x.new_full(shape, fill) if missing else None)
+    if pieces[0] is not None or pieces[1] is not None:
+        part = torch.cat([p for p in (pieces[0], part, pieces[1]) if p is not None], dim=dim)
+    return part.unfold(dim, (before + 1 + after) * size, size)

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from plugformer import BuildContext, Capabilities, Component, bounds
-from plugformer_plugins.attention.sparse_common import SparseAttention, blocks, windows
+from plugformer.attention import chunk_count, recomputed_chunks
+from plugformer_plugins.attention.sparse_common import SparseAttention, blocks, windows_of
 
 
 @dataclass
@@ -60,34 +61,44 @@ class StridedSparseAttention(SparseAttention):
         l = self.stride
         ahead = 0 if self.causal else 1
         n_blocks = q.shape[-2] // l
-
-        # Local part: block c of queries against blocks c − 1, c (and c + 1).
         q_blocks, pos_blocks = blocks(q, -2, l), blocks(positions, -1, l)  # (b, h, nb, l, hd), (P, nb, l)
-        k_near = windows(k, -2, l, 1, ahead, 0.0).transpose(-1, -2)  # (b, h, nb, span, hd)
-        v_near = windows(v, -2, l, 1, ahead, 0.0).transpose(-1, -2)
-        pos_near = windows(positions, -1, l, 1, ahead, 0)  # (P, nb, span)
-        span = k_near.shape[-2]
-        # i − j for query row t and key slot s of the same block: t + l − s.
-        distance = torch.arange(l, device=q.device)[:, None] + l - torch.arange(span, device=q.device)[None, :]
-        band = ((distance >= 0) & (distance < l)) if self.causal else (distance.abs() < l)
-        near_allowed = band & windows(valid, -1, l, 1, ahead, False)[:, None, :, None, :]  # (B, 1, nb, l, span)
-        near_scores = self.scores(q_blocks, k_near, pos_blocks, pos_near)
-
-        # Strided part: residue r's positions r, l + r, 2l + r, … form one short sequence
-        # (b, h, l, nb, ·), in which query block a sees key blocks a' < a (a' ≠ a).
-        q_cols, k_cols, v_cols = (blocks(t, -2, l).transpose(-3, -2) for t in (q, k, v))
+        k_cols, v_cols = (blocks(t, -2, l).transpose(-3, -2) for t in (k, v))  # (b, h, l, nb, hd)
         pos_cols = pos_blocks.transpose(-1, -2)  # (P, l, nb)
-        a = torch.arange(n_blocks, device=q.device)
-        order = (a[None, :] < a[:, None]) if self.causal else (a[None, :] != a[:, None])  # (a, a')
-        far_allowed = order[:, None, :] & blocks(valid, -1, l).transpose(-1, -2)[:, None, None]  # (B, 1, nb, l, nb)
-        far_scores = self.scores(q_cols, k_cols, pos_cols, pos_cols).transpose(-3, -2)  # (b, h, nb, l, nb)
 
-        (near_weights, far_weights), seen = self.joint_softmax(
-            [near_scores, far_scores], [near_allowed, far_allowed], v.dtype
-        )
-        out = self.weighted(near_weights, v_near, pos_blocks, pos_near)
-        out = out + self.weighted(far_weights.transpose(-3, -2), v_cols, pos_cols, pos_cols).transpose(-3, -2)
-        return out.masked_fill(~seen, 0.0).flatten(-3, -2)
+        def chunk(first: int, last: int) -> Tensor:
+            """Query blocks first ≤ a < last: (b, h, last − first, l, hd)."""
+            # Local part: block c of queries against blocks c − 1, c (and c + 1).
+            q_part, pos_part = q_blocks[:, :, first:last], pos_blocks[:, first:last]
+            k_near = windows_of(k, -2, l, 1, ahead, 0.0, first, last).transpose(-1, -2)  # (b, h, nc, span, hd)
+            v_near = windows_of(v, -2, l, 1, ahead, 0.0, first, last).transpose(-1, -2)
+            pos_near = windows_of(positions, -1, l, 1, ahead, 0, first, last)  # (P, nc, span)
+            span = k_near.shape[-2]
+            # i − j for query row t and key slot s of the same block: t + l − s.
+            distance = torch.arange(l, device=q.device)[:, None] + l - torch.arange(span, device=q.device)[None, :]
+            band = ((distance >= 0) & (distance < l)) if self.causal else (distance.abs() < l)
+            near_valid = windows_of(valid, -1, l, 1, ahead, False, first, last)
+            near_allowed = band & near_valid[:, None, :, None, :]  # (B, 1, nc, l, span)
+            near_scores = self.scores(q_part, k_near, pos_part, pos_near)
+
+            # Strided part: residue r's positions r, l + r, 2l + r, … form one short sequence
+            # (b, h, l, nb, ·), in which query block a sees key blocks a' < a (a' ≠ a).
+            q_cols, q_pos_cols = q_part.transpose(-3, -2), pos_part.transpose(-1, -2)  # (b, h, l, nc, hd), (P, l, nc)
+            a = torch.arange(n_blocks, device=q.device)
+            mine = a[first:last, None]
+            order = (a[None, :] < mine) if self.causal else (a[None, :] != mine)  # (nc, nb)
+            far_allowed = order[:, None, :] & blocks(valid, -1, l).transpose(-1, -2)[:, None, None]  # (B, 1, nc, l, nb)
+            far_scores = self.scores(q_cols, k_cols, q_pos_cols, pos_cols).transpose(-3, -2)  # (b, h, nc, l, nb)
+
+            (near_weights, far_weights), seen = self.joint_softmax(
+                [near_scores, far_scores], [near_allowed, far_allowed], v.dtype
+            )
+            out = self.weighted(near_weights, v_near, pos_part, pos_near)
+            out = out + self.weighted(far_weights.transpose(-3, -2), v_cols, q_pos_cols, pos_cols).transpose(-3, -2)
+            return out.masked_fill(~seen, 0.0)
+
+        # A few query blocks at a time, recomputed in backward: no (n × (l + n/l)) scores kept.
+        step = chunk_count(n_blocks, q[..., :1, :1].numel() * l * ((2 + ahead) * l + n_blocks))
+        return recomputed_chunks(chunk, n_blocks, step, dim=-3).flatten(-3, -2)
 
 
 COMPONENT = Component(
