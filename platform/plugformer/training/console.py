@@ -47,11 +47,32 @@ def bar_metrics(trainer: pl.Trainer, module: Any) -> dict[str, float]:
     return shown
 
 
+class _ShownMetrics:
+    """:func:`bar_metrics`, read again only every ``log_every_n_steps`` training steps and
+    outside training: reading a loss on the GPU waits for the device, which the training step
+    otherwise avoids."""
+
+    def __init__(self) -> None:
+        self.shown: dict[str, float] = {}
+        self.step = -1
+
+    def read(self, trainer: pl.Trainer, module: Any) -> dict[str, float]:
+        step = trainer.global_step
+        due = step != self.step and (not self.shown or step % max(1, trainer.log_every_n_steps) == 0)
+        if due or not trainer.training:
+            self.shown, self.step = bar_metrics(trainer, module), step
+        return self.shown
+
+
 class RichMetricsBar(RichProgressBar):
     """Lightning's rich progress bar showing :func:`bar_metrics`."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._shown = _ShownMetrics()
+
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        return bar_metrics(trainer, pl_module)  # type: ignore[return-value]
+        return self._shown.read(trainer, pl_module)  # type: ignore[return-value]
 
     def _get_train_description(self, current_epoch: int) -> str:
         # Lightning writes "Epoch 0/-2" when max_epochs is -1 (runs bounded by max_steps).
@@ -63,8 +84,12 @@ class RichMetricsBar(RichProgressBar):
 class TQDMMetricsBar(TQDMProgressBar):
     """Lightning's tqdm progress bar showing :func:`bar_metrics`."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._shown = _ShownMetrics()
+
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        return bar_metrics(trainer, pl_module)  # type: ignore[return-value]
+        return self._shown.read(trainer, pl_module)  # type: ignore[return-value]
 
 
 # --- the header -------------------------------------------------------------------------
