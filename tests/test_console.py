@@ -46,7 +46,7 @@ def test_header_states_components_sizes_and_where_the_run_goes(finished) -> None
         "8 steps, validation every 4 steps and at the end",
         f"run dir     {run_dir}",
         "offline, project plugformer, group console", summary["wandb_dir"],  # W&B mode and run
-        "cpu x1, strategy SingleDevice (1 process)", "CPU threads per process",  # device, strategy, threads
+        "cpu x1, strategy SingleDevice (1 process)", "per process (",  # device, strategy, threads
     ):
         assert fact in header, f"{fact!r} not in the header:\n{header}"
 

@@ -47,7 +47,7 @@ def test_cpu_threads_overrides_and_omp_num_threads_is_respected(four_cores: None
 def test_apply_threads_sets_torchs_thread_count(four_cores: None) -> None:
     before = torch.get_num_threads()
     try:
-        assert apply_threads({"cpu_threads": 1}) == "1 CPU threads per process (cpu_threads=1)"
+        assert apply_threads({"cpu_threads": 1}) == "1 CPU thread per process (cpu_threads=1)"
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

@@ -53,10 +53,11 @@ def choose_threads(cfg: Any) -> tuple[int | None, str]:
 
 def apply_threads(cfg: Any) -> str:
     """Set torch's intra-op threads for this process as :func:`choose_threads` says; returns
-    a line for the console (``N CPU threads per process (why)``)."""
+    a line for the console (``N CPU thread(s) per process (why)``)."""
     import torch
 
     threads, why = choose_threads(cfg)
     if threads is not None and threads != torch.get_num_threads():
         torch.set_num_threads(threads)
-    return f"{torch.get_num_threads()} CPU threads per process ({why})"
+    count = torch.get_num_threads()
+    return f"{count} CPU thread{'s' if count > 1 else ''} per process ({why})"
