@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from plugformer import Attention, AttentionState, BuildContext, Capabilities, Component, ConfigError, bounds
+from plugformer.attention import chunk_count, recomputed_chunks
 
 
 @dataclass
@@ -111,18 +112,24 @@ class LSHAttention(Attention):
         n_buckets = self.buckets_for(length)
         rotations = self.rotations(n_buckets, keys)
         valid = key_padding_mask.bool()[:, None, :] if key_padding_mask is not None else None
-        outputs, lses = [], []
+        all_buckets = []
         for r in range(self.n_hashes):
             buckets = self.hash(keys, rotations[r], n_buckets)
             if valid is not None:
                 buckets = buckets.masked_fill(~valid, n_buckets)  # padding: a bucket of its own
+            all_buckets.append(buckets)
+
+        packed = []
+        for buckets in all_buckets:
             out, lse = self._attend_round(q, keys, v, buckets, n_buckets + 1, valid)
-            outputs.append(out)
-            lses.append(lse)
+            dtype = torch.promote_types(out.dtype, lse.dtype)  # exact for both
+            packed.append(torch.cat([out.to(dtype), lse.to(dtype).unsqueeze(-1)], dim=-1))
+        packed = torch.stack(packed)  # (rounds, batch, heads, n, head_dim + 1): [out | lse]
+        outputs, lses = packed[..., :-1], packed[..., -1]
         if self.n_hashes == 1:
             return outputs[0].to(v.dtype)
-        weights = torch.softmax(torch.stack(lses), dim=0)  # (rounds, batch, heads, n)
-        return (torch.stack(outputs) * weights[..., None]).sum(dim=0).to(v.dtype)
+        weights = torch.softmax(lses, dim=0)  # (rounds, batch, heads, n)
+        return (outputs * weights[..., None]).sum(dim=0).to(v.dtype)
 
     def _attend_round(
         self, q: Tensor, keys: Tensor, v: Tensor, buckets: Tensor, total_buckets: int, valid: Tensor | None
@@ -145,57 +152,67 @@ class LSHAttention(Attention):
         token_of_slot = torch.full((batch, heads, n_chunks * c), n, dtype=torch.long, device=q.device)
         token_of_slot.scatter_(-1, slot_sorted, order)  # n marks an empty slot
 
-        def per_slot(x: Tensor, fill: float | int | bool) -> Tensor:
-            """Token values → slot values, (batch, heads, chunks, c, ...)."""
-            padded = torch.cat([x, x.new_full((*x.shape[:2], 1, *x.shape[3:]), fill)], dim=2)
-            idx = token_of_slot.view(*token_of_slot.shape, *([1] * (x.dim() - 3))).expand(-1, -1, -1, *x.shape[3:])
-            return padded.gather(2, idx).unflatten(2, (n_chunks, c))
+        slots = token_of_slot.view(batch, heads, n_chunks, c)
+        empty = torch.full_like(slots[:, :, :1], n)
 
-        def with_previous(x: Tensor, fill: float | int | bool) -> Tensor:
-            """(batch, heads, chunks, c, ...) → the previous chunk then this one, (…, 2c, ...)."""
-            previous = torch.cat([torch.full_like(x[:, :, :1], fill), x[:, :, :-1]], dim=2)
-            return torch.cat([previous, x], dim=3)
+        def chunk(first: int, last: int) -> Tensor:
+            """Sorted chunks first ≤ j < last: (batch, heads, last − first, c, head_dim + 1), [out | lse]."""
+            q_index = slots[:, :, first:last]
+            previous = slots[:, :, first - 1 : last - 1] if first else torch.cat([empty, slots[:, :, : last - 1]], dim=2)
+            k_index = torch.cat([previous, q_index], dim=3)  # each chunk sees the previous one and itself
 
-        q_slots = per_slot(q, 0.0)
-        k_window = with_previous(per_slot(keys, 0.0), 0.0)
-        v_window = with_previous(per_slot(v, 0.0), 0.0)
-        q_index = token_of_slot.view(batch, heads, n_chunks, c)
-        k_index = with_previous(q_index, n)
-        q_bucket = per_slot(buckets[..., None], -1)[..., 0]
-        k_bucket = with_previous(q_bucket, -1)
-        k_real = k_index < n
-        if valid is not None:
-            k_real = k_real & with_previous(per_slot(valid.expand(batch, heads, n)[..., None], False)[..., 0], False)
+            def at(x: Tensor, index: Tensor, fill: float | int | bool) -> Tensor:
+                """Token values at slot ``index`` (n: an empty slot, given ``fill``): (..., chunks, slots[, hd])."""
+                flat = index.flatten(2).clamp_max(n - 1)
+                if x.dim() == 4:
+                    taken = x.gather(2, flat[..., None].expand(-1, -1, -1, x.shape[-1])).view(*index.shape, x.shape[-1])
+                    return taken.masked_fill((index == n)[..., None], fill)
+                taken = x.expand(batch, heads, n).gather(2, flat).view(index.shape)
+                return taken.masked_fill(index == n, fill)
 
-        allowed = k_real[..., None, :] & (k_bucket[..., None, :] == q_bucket[..., :, None])
-        if self.causal:
-            allowed = allowed & (k_index[..., None, :] <= q_index[..., :, None])
-        itself = k_index[..., None, :] == q_index[..., :, None]
-        others = allowed & ~itself
-        allowed = others | (allowed & ~others.any(dim=-1, keepdim=True))
+            q_slots = at(q, q_index, 0.0)
+            k_window, v_window = at(keys, k_index, 0.0), at(v, k_index, 0.0)
+            q_bucket, k_bucket = at(buckets, q_index, -1), at(buckets, k_index, -1)
+            k_real = k_index < n
+            if valid is not None:
+                k_real = k_real & at(valid, k_index, False)
 
-        scores = torch.matmul(q_slots * self.scale, k_window.transpose(-1, -2))
-        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
-        # The finite fill gives keys outside ``allowed`` exactly zero weight; rows that see
-        # nothing get uniform weights and are zeroed at the output.
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1)
-        with torch.no_grad():
-            lse = torch.logsumexp(scores, dim=-1)
-        if self.n_hashes > 1 and scores.requires_grad:
-            # d logsumexp / d scores is the softmax: take the gradient through ``probs`` (kept
-            # anyway for the product with the values) rather than keep the scores twice more.
-            lse = lse + (probs.detach() * (scores - scores.detach())).sum(dim=-1)
-        seen = allowed.any(dim=-1)
-        weights = probs.to(v.dtype)
-        if self.training and self.dropout > 0:
-            weights = F.dropout(weights, p=self.dropout)
-        out = torch.matmul(weights, v_window).masked_fill(~seen[..., None], 0.0)
-        lse = lse.masked_fill(~seen, torch.finfo(lse.dtype).min)
+            allowed = k_real[..., None, :] & (k_bucket[..., None, :] == q_bucket[..., :, None])
+            if self.causal:
+                allowed = allowed & (k_index[..., None, :] <= q_index[..., :, None])
+            itself = k_index[..., None, :] == q_index[..., :, None]
+            others = allowed & ~itself
+            allowed = others | (allowed & ~others.any(dim=-1, keepdim=True))
+
+            scores = torch.matmul(q_slots * self.scale, k_window.transpose(-1, -2))
+            scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+            # The finite fill gives keys outside ``allowed`` exactly zero weight; rows that see
+            # nothing get uniform weights and are zeroed at the output.
+            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+            probs = torch.softmax(scores, dim=-1)
+            with torch.no_grad():
+                lse = torch.logsumexp(scores, dim=-1)
+            if self.n_hashes > 1 and scores.requires_grad:
+                # d logsumexp / d scores is the softmax: take the gradient through ``probs`` (kept
+                # anyway for the product with the values) rather than keep the scores twice more.
+                lse = lse + (probs.detach() * (scores - scores.detach())).sum(dim=-1)
+            seen = allowed.any(dim=-1)
+            weights = probs.to(v.dtype)
+            if self.training and self.dropout > 0:
+                weights = F.dropout(weights, p=self.dropout)
+            out = torch.matmul(weights, v_window).masked_fill(~seen[..., None], 0.0)
+            lse = lse.masked_fill(~seen, torch.finfo(lse.dtype).min)
+            dtype = torch.promote_types(out.dtype, lse.dtype)  # exact for both
+            return torch.cat([out.to(dtype), lse.to(dtype).unsqueeze(-1)], dim=-1)
+
+        # A few sorted chunks at a time, recomputed in backward: no round's sorted keys or
+        # (slots × 2c) scores are kept, only its outputs.
+        step = chunk_count(n_chunks, batch * heads * c * 2 * c)
+        packed = recomputed_chunks(chunk, n_chunks, step, dim=2).flatten(2, 3)
 
         slot_of_token = torch.empty_like(order).scatter_(-1, order, slot_sorted)
-        out = out.flatten(2, 3).gather(2, slot_of_token[..., None].expand(-1, -1, -1, head_dim))
-        return out, lse.flatten(2, 3).gather(2, slot_of_token)
+        packed = packed.gather(2, slot_of_token[..., None].expand(-1, -1, -1, head_dim + 1))
+        return packed[..., :head_dim], packed[..., head_dim]
 
 
 COMPONENT = Component(
