@@ -18,7 +18,7 @@ test; d_model 64, 2 heads, no position encoding) and the same data:
 Prints val/loss of each run and writes ``memorizing_repeats.json`` beside this script.
 Run from the repository root:
 
-    OMP_NUM_THREADS=1 .venv/bin/python docs/results/memorizing_repeats.py [--steps 400]
+    OMP_NUM_THREADS=1 .venv/bin/python docs/results/memorizing_repeats.py [--steps 400] [--top-k 32] [--runs memorizing full]
 
 The ideal loss with memory is about (1/2)·ln(vocab)·(1 + 1/segment) (fresh passages are
 unpredictable; in a repeat only the first token is); without memory it is ln(vocab).
@@ -121,6 +121,8 @@ class RepeatDocsPlugin:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--top-k", type=int, default=32)
+    parser.add_argument("--runs", nargs="+", default=["memorizing", "memorizing_no_memory", "full"])
     parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
     args = parser.parse_args()
     plugins = load_plugins(extra={"repeat_docs": RepeatDocsPlugin()})
@@ -132,7 +134,7 @@ def main() -> None:
     ]
     memorizing = [
         "model/attention=memorizing", "model.plan.attention=[short_conv,memorizing]", "model.attention.memory_size=256",
-        "model.attention.top_k=8",
+        f"model.attention.top_k={args.top_k}",
     ]
     runs = {
         "memorizing": memorizing,
@@ -141,7 +143,7 @@ def main() -> None:
     }
     results = {}
     with tempfile.TemporaryDirectory() as root:
-        for name, overrides in runs.items():
+        for name, overrides in {n: runs[n] for n in args.runs}.items():
             started = time.perf_counter()
             (Path(root) / name).mkdir()
             summary = train(plugformer.compose([*base, *overrides]), plugins, Path(root) / name, run_id=name)
@@ -153,6 +155,7 @@ def main() -> None:
     vocab, segment = RepeatDocsConfig.vocab, RepeatDocsConfig.segment
     results["reference"] = {
         "ideal_with_memory": 0.5 * math.log(vocab) * (1 + 1 / segment), "uniform": math.log(vocab), "steps": args.steps,
+        "top_k": args.top_k,
     }
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
