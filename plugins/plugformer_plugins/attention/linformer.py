@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from plugformer import Attention, AttentionState, BuildContext, Capabilities, Component, ConfigError, bounds
-from plugformer.attention import repeat_kv
+from plugformer.attention import chunk_count, recomputed_chunks, repeat_kv
 
 
 class Sharing(str, Enum):
@@ -105,11 +105,17 @@ class LinformerAttention(Attention):
         else:
             projected_k = repeat_kv(torch.matmul(e, k), self.n_heads)
             projected_v = repeat_kv(torch.matmul(f, v), self.n_heads)
-        scores = torch.matmul(q * self.scale, projected_k.transpose(-1, -2))
-        weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(v.dtype)
-        if self.training and self.dropout > 0:
-            weights = F.dropout(weights, p=self.dropout)
-        return torch.matmul(weights, projected_v)
+
+        def queries(start: int, stop: int) -> Tensor:
+            scores = torch.matmul(q[..., start:stop, :] * self.scale, projected_k.transpose(-1, -2))
+            weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(v.dtype)
+            if self.training and self.dropout > 0:
+                weights = F.dropout(weights, p=self.dropout)
+            return torch.matmul(weights, projected_v)
+
+        # Rows of queries a few at a time, recomputed in backward: the (n × k) scores are never kept.
+        q_length = q.shape[-2]
+        return recomputed_chunks(queries, q_length, chunk_count(q_length, q[..., :1, :1].numel() * projected_k.shape[-2]), dim=-2)
 
 
 def _xavier(shape: tuple[int, ...]) -> Tensor:
