@@ -163,19 +163,21 @@ def main() -> None:
         write_section(args.out, report(rows, args), START, END)
 
 
-NOTES = """What the profile (torch.profiler, plugformer vs HF Llama at d_model 128, interleaved
-steps) shows: both sides spend over half the step in the same `aten::mm` GEMMs and the same
-SDPA flash kernel for CPU, so at equal math the eager step can only be at parity, not 25%
-faster. plugformer does fewer, larger matmuls (fused key/value and gate/up projections: 63 vs
-87 `aten::mm` calls per step, forward and backward) and updates fewer AdamW tensors, which
-is its edge; it pays for the
-training metrics its objective computes every step (an `argmax` over batch × length × vocabulary
-for `accuracy`, a few % of the step here), for the rotary angles recomputed in every layer,
-and for a copy of q and k per layer through a concatenation with an empty pass-through part
-(removed since; its effect is within this table's noise). Native grouped-query SDPA (`enable_gqa`) was measured faster than repeating
-key/value heads on this CPU, so it stays. On this CPU `torch.compile` gains little for either
-side, and bf16 autocast is about 10× slower than float32 (no bf16 matrix units): neither
-helps here; they are for GPUs, where this script runs unchanged (models and batches on CUDA)."""
+NOTES = (
+    "What a profile (torch.profiler, plugformer vs HF Llama at d_model 128, steps interleaved) shows: both sides spend "
+    "over half the step in the same `aten::mm` GEMMs and the same SDPA flash kernel for CPU, so at equal math the eager "
+    "step is at parity, not 25% faster. plugformer's edge is fewer, larger matmuls (fused key/value and gate/up "
+    "projections: 63 vs 87 `aten::mm` calls per step, forward and backward) and fewer tensors for AdamW to update; it "
+    "pays for the training metrics its objective computes every step (an `argmax` over batch × length × vocabulary for "
+    "`accuracy`, a few % of the step), for the rotary angles it recomputes in every layer (HF computes them once per "
+    "forward), and, until this table was measured, for a copy of q and k per layer through a concatenation with an empty "
+    "pass-through part (removed). Native grouped-query SDPA (`enable_gqa`) measured faster than repeating key/value heads "
+    "on this CPU, so it stays. The GPT-2 lead at d_model 256 (the one row above target) is one measurement; HF GPT-2's "
+    "Conv1D layers (`addmm` on (in, out) weights) are a likely cause, not verified. On this CPU `torch.compile` gains "
+    "little for either side and bf16 autocast is about 10× slower than float32 (no bf16 matrix units): neither helps "
+    "here. No GPU was available to this run; on CUDA the script moves models and batches to the GPU unchanged. The "
+    "training loop's own per-step cost (Lightning, logging) is not in these numbers: both sides use the same plain loop."
+)
 
 
 def report(rows: list[tuple], args: argparse.Namespace) -> str:
