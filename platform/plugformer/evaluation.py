@@ -153,6 +153,16 @@ def _plugin_metrics(
     return metrics
 
 
+def data_with_overrides(run: Any, overrides: Sequence[str], *, allow_untrained_positions: bool = False) -> Any:
+    """The data task of a loaded run with ``data.*`` ``overrides`` applied (the run's own task
+    when there are none), reading tokens as training did, its lengths checked against the
+    model as ``plugformer eval`` checks them; for plugins that score or index a run's data."""
+    cfg = _with_overrides(run.cfg, overrides)
+    data = _evaluation_data(run, cfg, overrides)
+    _check_lengths(run, cfg, data.max_length, allow_untrained_positions)
+    return data
+
+
 def _with_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")

@@ -165,8 +165,8 @@ def build_datastore(run_dir: str | Path, data_overrides: list[str], *, split: st
     """Encode ``split`` of the run's data (with ``data_overrides``) and write the datastore
     to ``<run_dir>/knn_lm/<name>/``: ``index.faiss``, ``values.pt`` (next tokens) and
     ``datastore.json`` (what it was built from, its size and build time). Returns the json."""
-    from plugformer.evaluation import SPLITS, _evaluation_data, _with_overrides, quiet_libraries
     from plugformer.api import load_run
+    from plugformer.evaluation import SPLITS, data_with_overrides, quiet_libraries
 
     index_options: IndexOptions = _options(IndexOptions, options or {}, "index")
     if split not in SPLITS:
@@ -177,8 +177,7 @@ def build_datastore(run_dir: str | Path, data_overrides: list[str], *, split: st
     quiet_libraries()
     run = load_run(run_dir)
     _check_causal_lm(run)
-    cfg = _with_overrides(run.cfg, data_overrides)
-    data = _evaluation_data(run, cfg, data_overrides)
+    data = data_with_overrides(run, data_overrides)
     loader = {"train": data.train_dataloader, "validation": data.val_dataloader, "test": data.test_dataloader}[split]()
     started = time.perf_counter()
     keys, values = [], []
