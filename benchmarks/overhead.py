@@ -21,6 +21,12 @@ three ways run interleaved, in a rotating order, ``--repeats`` times, so a loade
 slows them alike. The table gives the median over repeats with min–max, and the overhead as
 the median of each repeat's ratio to the plain loop of the same repeat.
 
+Platform cost in milliseconds. The same three ways on a tiny model (``TINY``), whose own step
+is so short that what the training path adds per step stands out: each repeat's CPU time per
+step minus the plain loop's, divided by the default model's plain CPU step time, is the
+overhead the default model pays, measured more precisely than the difference of two large,
+noisy times.
+
 Data wait. ``summary.json``'s ``data_wait_fraction`` (also logged as
 ``perf/data_wait_fraction``) of short runs of the default run and of ``experiment=listops_small``
 (padded sequences) with and without length bucketing.
@@ -28,7 +34,9 @@ Data wait. ``summary.json``'s ``data_wait_fraction`` (also logged as
 Writes the section "Platform overhead" of BENCHMARKS.md (between HTML comment markers; other
 sections are kept). Usage (one thread, as the CLI would choose on a loaded machine):
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/overhead.py [--repeats 7] [--steps 60] [--warmup 10]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/overhead.py [--parts model tiny data] [--repeats 7]
+        [--steps 60] [--warmup 10] [--tiny-steps 200] [--tiny-warmup 20] [--data-steps 100]
+        [--results raw.json] [--no-write] [config overrides...]
 """
 
 from __future__ import annotations
@@ -59,6 +67,10 @@ LOSS_CHECK_STEPS = 5
 
 #: How the plugformer variants differ from the default run's config.
 LOGGING_OFF = ["logger=none", "callbacks.progress_bar=none"]
+PLAIN, DEFAULT, OFF = "plain PyTorch loop", "plugformer (CSV + W&B offline, progress bar)", "plugformer, logging off"
+#: A model whose step is so short that the training path's own cost per step stands out.
+TINY = ["model.d_model=16", "data.batch_size=4"]
+PARTS = ("model", "tiny", "data")
 
 
 class StepClock:
@@ -181,21 +193,20 @@ def spread(values: list[float], scale: float = 1.0, fmt: str = "{:.1f}") -> str:
     return f"{fmt.format(statistics.median(values) * scale)} ({fmt.format(min(values) * scale)}–{fmt.format(max(values) * scale)})"
 
 
-def measure_overhead(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    total = args.warmup + args.steps + 1
-    base = [*args.overrides, f"trainer.max_steps={total}", f"trainer.val_check_interval={total}"]
+def measure_overhead(workdir: Path, overrides: list[str], steps: int, warmup: int, repeats: int, tag: str) -> dict[str, Any]:
+    """The three ways, interleaved ``repeats`` times: per repeat, mean wall and CPU seconds per step."""
+    total = warmup + steps + 1
+    base = [*overrides, f"trainer.max_steps={total}", f"trainer.val_check_interval={total}"]
     variants: dict[str, Callable[[int], tuple[list[tuple[float, float]], list[float]]]] = {
-        "plain PyTorch loop": lambda r: run_plain(base, total),
-        "plugformer (CSV + W&B offline, progress bar)": lambda r: run_plugformer(base, workdir / f"default-{r}")[:2],
-        "plugformer, logging off": lambda r: run_plugformer(
-            [*base, *LOGGING_OFF, f"trainer.log_every_n_steps={total + 1}"], workdir / f"off-{r}"
-        )[:2],
+        PLAIN: lambda r: run_plain(base, total),
+        DEFAULT: lambda r: run_plugformer(base, workdir / f"{tag}-default-{r}")[:2],
+        OFF: lambda r: run_plugformer([*base, *LOGGING_OFF, f"trainer.log_every_n_steps={total + 1}"], workdir / f"{tag}-off-{r}")[:2],
     }
     names = list(variants)
     wall: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
     losses: dict[str, list[float]] = {}
-    for repeat in range(args.repeats):
+    for repeat in range(repeats):
         order = names[repeat % len(names):] + names[: repeat % len(names)]
         for name in order:
             restore = quiet()
@@ -203,17 +214,28 @@ def measure_overhead(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 starts, first_losses = variants[name](repeat)
             finally:
                 restore()
-            step_wall, step_cpu = mean_step(starts, args.warmup, args.steps)
+            step_wall, step_cpu = mean_step(starts, warmup, steps)
             wall[name].append(step_wall)
             cpu[name].append(step_cpu)
             losses.setdefault(name, first_losses)
-            print(f"  repeat {repeat + 1}/{args.repeats} {name}: {1000 * step_wall:.2f} ms/step, {1000 * step_cpu:.2f} CPU ms/step", flush=True)
-    plain = names[0]
+            print(f"  {tag} repeat {repeat + 1}/{repeats} {name}: {1000 * step_wall:.2f} ms/step, {1000 * step_cpu:.2f} CPU ms/step", flush=True)
+    return {"wall": wall, "cpu": cpu, "losses": losses, "overrides": overrides, "steps": steps, "warmup": warmup, "repeats": repeats}
 
-    def ratios(times: dict[str, list[float]]) -> dict[str, list[float]]:
-        return {name: [t / p - 1 for t, p in zip(times[name], times[plain])] for name in names[1:]}
 
-    return {"wall": wall, "cpu": cpu, "wall_ratios": ratios(wall), "cpu_ratios": ratios(cpu), "losses": losses, "plain": plain}
+def paired(times: dict[str, list[float]], name: str, relative: bool = True) -> list[float]:
+    """Each repeat's time of ``name`` against the plain loop's in the same repeat: ratio - 1, or difference."""
+    return [t / p - 1 if relative else t - p for t, p in zip(times[name], times[PLAIN])]
+
+
+def losses_agree(part: dict[str, Any]) -> bool:
+    """Whether the first losses of the three ways agree (identical network and batches)."""
+    if "losses" not in part:
+        return bool(part["losses_agree"])
+    reference = part["losses"][PLAIN]
+    return all(
+        len(losses) == len(reference) and all(abs(a - b) <= 1e-5 * max(1.0, abs(b)) for a, b in zip(losses, reference))
+        for losses in part["losses"].values()
+    )
 
 
 def measure_data_wait(args: argparse.Namespace, workdir: Path) -> dict[str, dict[str, Any]]:
@@ -237,17 +259,13 @@ def measure_data_wait(args: argparse.Namespace, workdir: Path) -> dict[str, dict
 
 
 def verdict(ratios: list[float]) -> str:
+    """Whether the median of ``ratios`` meets :data:`TARGET`."""
     median = statistics.median(ratios)
     return "met" if median <= TARGET else f"missed by {100 * (median - TARGET):.2f} points"
 
 
-def report(args: argparse.Namespace, overhead: dict[str, Any], data_wait: dict[str, dict[str, Any]], load: tuple[float, float]) -> str:
-    plain = overhead["plain"]
-    reference = overhead["losses"][plain]
-    same = all(
-        len(losses) == len(reference) and all(abs(a - b) <= 1e-5 * max(1.0, abs(b)) for a, b in zip(losses, reference))
-        for losses in overhead["losses"].values()
-    )
+def report(results: dict[str, Any]) -> str:
+    meta, model, tiny, data_wait = results["meta"], results.get("model"), results.get("tiny"), results.get("data")
     lines = [
         START,
         "## Platform overhead per step",
@@ -256,69 +274,132 @@ def report(args: argparse.Namespace, overhead: dict[str, Any], data_wait: dict[s
         "gradient clipping at 1.0, over the model and training batches `plugformer.build(cfg)` makes) and by `plugformer train`'s "
         "path (Lightning) with the default logging (metrics.csv, W&B offline, rich progress bar, non-finite guard) and with "
         "logging off (`logger=none callbacks.progress_bar=none`, no metrics row while timed). Step time: batch start to the "
-        "next batch start (data loading, optimizer, logging and callbacks included), mean over "
-        f"{args.steps} steps after {args.warmup} warm-up steps, start-up and validation excluded; {args.repeats} repeats, the three "
-        "ways interleaved in a rotating order in one process. Overhead: median over repeats of each repeat's ratio to the plain "
-        "loop of the same repeat (min–max in brackets). CPU: this process's CPU time per step (all its threads; W&B's writer "
-        "is a separate service process and is not counted), which load from other processes disturbs far less than wall time. "
-        f"The first {LOSS_CHECK_STEPS} losses of every way {'agree' if same else 'DIFFER'} (identical network and batches).",
+        "next batch start (data loading, optimizer, logging and callbacks included), mean over the timed steps after the "
+        "warm-up steps, start-up and validation excluded; the three ways interleaved in a rotating order in one process, "
+        "repeated. Overhead: median over repeats of each repeat's ratio to the plain loop of the same repeat (min–max in "
+        "brackets). CPU: this process's CPU time per step (all its threads; W&B's writer is a separate service process and is "
+        "not counted), which load from other processes disturbs less than wall time.",
         "",
-        f"Config: the default run (`{' '.join(args.overrides) or 'plugformer train'}`: MQAR, a 2-layer hybrid decoder, batch 64 of 64 tokens). "
-        f"Machine: {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} thread(s), Python "
-        f"{sys.version.split()[0]}; measured {datetime.date.today().isoformat()} **under load** from other processes (1-minute load "
-        f"average {load[0]:.1f} at the start, {load[1]:.1f} at the end), so single figures are noisy: read the spread. Reproduce with "
-        f"`OMP_NUM_THREADS=1 .venv/bin/python benchmarks/overhead.py --repeats {args.repeats} --steps {args.steps} --warmup {args.warmup}"
-        f" --data-steps {args.data_steps}`.",
-        "",
-        "| way | ms per step | overhead | CPU ms per step | CPU overhead | target ≤ 1% (CPU; wall) |",
-        "|---|---:|---:|---:|---:|---|",
+        f"Machine: {meta['cores']} cores, torch {meta['torch']} with {meta['threads']} thread, Python {meta['python']}; measured "
+        f"{meta['date']} **under heavy load** from other processes (1-minute load average {meta['load']}), so single figures are "
+        "noisy: read the spread. Reproduce (all parts) with "
+        "`OMP_NUM_THREADS=1 .venv/bin/python benchmarks/overhead.py` (defaults: 7 repeats of 60 steps after 10; the tiny model "
+        "7 repeats of 200 steps after 20; data-wait runs of 100 steps); this section was measured with "
+        f"{'; '.join(f'`{command}`' for command in meta['commands'])}.",
     ]
-    for name in overhead["wall"]:
-        wall, cpu = overhead["wall"][name], overhead["cpu"][name]
-        if name == plain:
-            lines.append(f"| {name} | {spread(wall, 1000, '{:.2f}')} | — | {spread(cpu, 1000, '{:.2f}')} | — | |")
-            continue
-        wall_ratio, cpu_ratio = overhead["wall_ratios"][name], overhead["cpu_ratios"][name]
-        lines.append(
-            f"| {name} | {spread(wall, 1000, '{:.2f}')} | {spread(wall_ratio, 100, '{:+.2f}')} % | {spread(cpu, 1000, '{:.2f}')} | "
-            f"{spread(cpu_ratio, 100, '{:+.2f}')} % | {verdict(cpu_ratio)}; {verdict(wall_ratio)} |"
-        )
-    lines += [
-        "",
-        "### Data wait",
-        "",
-        "`data_wait_fraction` in summary.json (logged as `perf/data_wait_fraction`): the share of training time between one "
-        "batch's end and the next one's start (fetching and collating the next batch, moving it to the device, the loop's "
-        "bookkeeping), over all training steps but the first, validation excluded. "
-        f"Runs of {args.data_steps} steps with `data.num_workers=0` (the default of every task: the splits are in memory) "
-        "and logging off.",
-        "",
-        "| run | data wait | tokens/s |",
-        "|---|---:|---:|",
-    ]
-    for name, values in data_wait.items():
-        lines.append(f"| {name} | {100 * values['fraction']:.2f} % | {values['tokens_per_second']:.0f} |")
+    if model is not None:
+        lines += [
+            "",
+            f"### The default run's model ({model['repeats']} repeats of {model['steps']} steps after {model['warmup']})",
+            "",
+            f"`plugformer train` (MQAR, a 2-layer hybrid decoder, d_model 128, batch 64 of 64 tokens). The first "
+            f"{LOSS_CHECK_STEPS} losses of the three ways {'agree' if losses_agree(model) else 'DIFFER'} (identical network and batches).",
+            "",
+            "| way | ms per step | overhead | CPU ms per step | CPU overhead | target ≤ 1% (CPU; wall) |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        for name in model["wall"]:
+            wall, cpu = model["wall"][name], model["cpu"][name]
+            if name == PLAIN:
+                lines.append(f"| {name} | {spread(wall, 1000, '{:.1f}')} | — | {spread(cpu, 1000, '{:.1f}')} | — | |")
+                continue
+            wall_ratio, cpu_ratio = paired(model["wall"], name), paired(model["cpu"], name)
+            lines.append(
+                f"| {name} | {spread(wall, 1000, '{:.1f}')} | {spread(wall_ratio, 100, '{:+.1f}')} % | {spread(cpu, 1000, '{:.1f}')} | "
+                f"{spread(cpu_ratio, 100, '{:+.1f}')} % | {verdict(cpu_ratio)}; {verdict(wall_ratio)} |"
+            )
+    if tiny is not None:
+        plain_cpu = statistics.median(model["cpu"][PLAIN]) if model is not None else None
+        lines += [
+            "",
+            f"### What the platform costs per step, in milliseconds (a tiny model, {tiny['repeats']} repeats of {tiny['steps']} "
+            f"steps after {tiny['warmup']})",
+            "",
+            f"The same three ways on `{' '.join(tiny['overrides'])}`, whose own step is so short that what the training path adds "
+            "per step stands out: the platform's cost per step is each repeat's CPU time per step minus the plain loop's in the "
+            "same repeat (median, min–max). Divided by the default run's plain CPU step time above, it is the overhead that "
+            f"model pays, measured far more precisely than the difference of two large noisy times. The first {LOSS_CHECK_STEPS} "
+            f"losses {'agree' if losses_agree(tiny) else 'DIFFER'}.",
+            "",
+            "| way | ms per step | CPU ms per step | platform CPU ms per step | share of the default run's CPU step | target ≤ 1% |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        for name in tiny["wall"]:
+            wall, cpu = tiny["wall"][name], tiny["cpu"][name]
+            if name == PLAIN:
+                lines.append(f"| {name} | {spread(wall, 1000, '{:.2f}')} | {spread(cpu, 1000, '{:.2f}')} | — | — | |")
+                continue
+            cost = paired(tiny["cpu"], name, relative=False)
+            share = [c / plain_cpu for c in cost] if plain_cpu else None
+            lines.append(
+                f"| {name} | {spread(wall, 1000, '{:.2f}')} | {spread(cpu, 1000, '{:.2f}')} | {spread(cost, 1000, '{:+.2f}')} | "
+                + (f"{spread(share, 100, '{:+.2f}')} % | {verdict(share)} |" if share else "— | |")
+            )
+    if data_wait is not None:
+        lines += [
+            "",
+            "### Data wait",
+            "",
+            "`data_wait_fraction` in summary.json (logged as `perf/data_wait_fraction`): the share of training time between one "
+            "batch's end and the next one's start (fetching and collating the next batch, moving it to the device, the loop's "
+            "bookkeeping), over all training steps but the first, validation excluded. "
+            f"Runs of {data_wait['steps']} steps with `data.num_workers=0` (the default of every task: the splits are in memory) "
+            "and logging off.",
+            "",
+            "| run | data wait | tokens/s |",
+            "|---|---:|---:|",
+        ]
+        for name, values in data_wait["runs"].items():
+            lines.append(f"| {name} | {100 * values['fraction']:.2f} % | {values['tokens_per_second']:.0f} |")
     lines += ["", END]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="*", choices=PARTS, default=list(PARTS),
+                        help="what to measure (default: all; none: only render --results)")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved repeats of the three ways (default 7)")
-    parser.add_argument("--steps", type=int, default=60, help="timed steps per repeat (default 60)")
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per repeat, default model (default 60)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps before them (default 10)")
+    parser.add_argument("--tiny-steps", type=int, default=200, help="timed steps per repeat, tiny model (default 200)")
+    parser.add_argument("--tiny-warmup", type=int, default=20, help="untimed steps before them (default 20)")
     parser.add_argument("--data-steps", type=int, default=100, help="steps of each data-wait run (default 100)")
+    parser.add_argument("--results", type=Path, help="a JSON file of raw results: parts not measured now are read from it, "
+                        "and everything is saved back (to assemble the section from parts measured separately)")
     parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md", help="the file whose section is replaced")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing it")
     parser.add_argument("overrides", nargs="*", help="config overrides of the measured run (default: the default run)")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     os.chdir(REPO)
+    results: dict[str, Any] = json.loads(args.results.read_text()) if args.results and args.results.exists() else {}
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="plugformer-overhead-") as tmp:
-        overhead = measure_overhead(args, Path(tmp))
-        data_wait = measure_data_wait(args, Path(tmp))
-    text = report(args, overhead, data_wait, (load_start, os.getloadavg()[0]))
+        if "model" in args.parts:
+            results["model"] = measure_overhead(Path(tmp), args.overrides, args.steps, args.warmup, args.repeats, "model")
+        if "tiny" in args.parts:
+            results["tiny"] = measure_overhead(Path(tmp), [*args.overrides, *TINY], args.tiny_steps, args.tiny_warmup, args.repeats, "tiny")
+        if "data" in args.parts:
+            results["data"] = {"steps": args.data_steps, "runs": measure_data_wait(args, Path(tmp))}
+    meta = results.get("meta", {})
+    command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/overhead.py " + " ".join(sys.argv[1:])
+    if not args.parts:
+        results["meta"] = meta
+        text = report(results)
+        print(text)
+        if not args.no_write:
+            write_section(args.out, text, START, END)
+        return
+    results["meta"] = {
+        "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(), "python": sys.version.split()[0],
+        "date": datetime.date.today().isoformat(),
+        "load": ", ".join(filter(None, [meta.get("load"), f"{load_start:.1f}–{os.getloadavg()[0]:.1f}"])),
+        "commands": [*meta.get("commands", []), command],
+    }
+    if args.results:
+        args.results.write_text(json.dumps(results, indent=1))
+    text = report(results)
     print(text)
     if not args.no_write:
         write_section(args.out, text, START, END)

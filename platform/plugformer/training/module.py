@@ -144,9 +144,10 @@ class TrainingModule(pl.LightningModule):
     def _loggers_write_this_step(self) -> bool:
         """Whether this training step's metrics reach the loggers (every
         ``trainer.log_every_n_steps``, as Lightning decides), or the step is the last of the run
-        or of an epoch (so the final values in summary.json are the last step's). Logging costs
-        a fraction of a millisecond per metric (Lightning's bookkeeping); on the other steps it
-        is skipped. Without a trainer (a module driven by hand), always."""
+        or of an epoch (so the final values in summary.json are the last step's). Lightning's
+        bookkeeping per logged metric was the largest per-step cost of the training path
+        (BENCHMARKS.md), so on the other steps nothing is logged. Without a trainer (a module
+        driven by hand), always."""
         trainer = self._trainer
         if trainer is None or trainer.log_every_n_steps == 0:
             return True
