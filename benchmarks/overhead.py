@@ -28,7 +28,7 @@ overhead the default model pays, measured more precisely than the difference of 
 noisy times.
 
 Data wait. ``summary.json``'s ``data_wait_fraction`` (also logged as
-``perf/data_wait_fraction``) of short runs of the default run and of ``experiment=listops_small``
+``train/data_wait_fraction``) of short runs of the default run and of ``experiment=listops_small``
 (padded sequences) with and without length bucketing.
 
 Writes the section "Platform overhead" of BENCHMARKS.md (between HTML comment markers; other
@@ -340,7 +340,7 @@ def report(results: dict[str, Any]) -> str:
             "",
             "### Data wait",
             "",
-            "`data_wait_fraction` in summary.json (logged as `perf/data_wait_fraction`): the share of training time between one "
+            "`data_wait_fraction` in summary.json (logged as `train/data_wait_fraction`): the share of training time between one "
             "batch's end and the next one's start (fetching and collating the next batch, moving it to the device, the loop's "
             "bookkeeping), over all training steps but the first, validation excluded. "
             f"Runs of {data_wait['steps']} steps with `data.num_workers=0` (the default of every task: the splits are in memory) "

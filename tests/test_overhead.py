@@ -53,8 +53,8 @@ def test_data_wait_fraction_is_in_the_summary_and_metrics_and_grows_with_a_slow_
     fast = _train(tmp_path / "fast")
     fraction = fast["data_wait_fraction"]
     assert isinstance(fraction, float) and 0.0 < fraction < 1.0
-    assert read_summary(tmp_path / "fast")["metrics"]["perf/data_wait_fraction"] == fraction
-    logged = [row["perf/data_wait_fraction"] for row in csv.DictReader(open(tmp_path / "fast" / "metrics.csv"))]
+    assert read_summary(tmp_path / "fast")["metrics"]["train/data_wait_fraction"] == fraction
+    logged = [row["train/data_wait_fraction"] for row in csv.DictReader(open(tmp_path / "fast" / "metrics.csv"))]
     values = [float(value) for value in logged if value]
     assert values and all(0.0 <= value <= 1.0 for value in values)
 

@@ -24,7 +24,7 @@ class ThroughputMonitor(pl.Callback):
     """Logs ``train/tokens_per_second`` (all ranks together) over the steps since the last log,
     and keeps the run's overall rate (first step excluded: it pays for warm-up).
 
-    Also measures how much of training waits for data: ``perf/data_wait_fraction`` is the share
+    Also measures how much of training waits for data: ``train/data_wait_fraction`` is the share
     of training time spent between one batch's end and the next one's start (fetching and
     collating the next batch, moving it to the device, and the loop's bookkeeping between
     steps), over every step but the first; gaps that hold a validation or an epoch's end are
@@ -78,7 +78,7 @@ class ThroughputMonitor(pl.Callback):
         if trainer.global_step % max(1, trainer.log_every_n_steps) == 0 and self._window_seconds > 0:
             module.log("train/tokens_per_second", self._window_tokens / self._window_seconds, on_step=True, on_epoch=False)
             if self.data_wait_fraction is not None:
-                module.log("perf/data_wait_fraction", self.data_wait_fraction, on_step=True, on_epoch=False)
+                module.log("train/data_wait_fraction", self.data_wait_fraction, on_step=True, on_epoch=False)
             self._window_tokens, self._window_seconds = 0, 0.0
         self._last_end = time.perf_counter()
 

@@ -297,7 +297,7 @@ def build_summary(state: RunState, plugins: Plugins, status: str, error: str | N
     trainer = state.trainer
     metrics = {**state.fit_metrics, **(final_metrics(trainer) if trainer is not None else {})}
     if state.throughput is not None and state.throughput.data_wait_fraction is not None:
-        metrics["perf/data_wait_fraction"] = state.throughput.data_wait_fraction  # the whole run's, not the last log's
+        metrics["train/data_wait_fraction"] = state.throughput.data_wait_fraction  # the whole run's, not the last log's
     best = state.history.best if state.history is not None else {}
     extra: dict[str, Any] = {}
     if trainer is not None and state.module is not None and rank_zero_only.rank == 0:
