@@ -133,7 +133,7 @@ class LinearAttention(Attention):
         rφ(q_i)ᵀS / (φ(q_i)ᵀz + eps); both through :func:`recomputed_chunks`, so the
         (length × head_dim) features are never kept for the backward pass."""
         length, k_length, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
-        rows = chunk_count(length, q[..., :1, :].numel() * 4)  # a few feature-sized tensors per row
+        rows = chunk_count(length, q[..., :1, :].numel())  # feature-sized rows
 
         def key_sums(start: int, stop: int) -> Tensor:  # (b, h, hd, hd + 1): [S | z]
             phi_k = feature_map(k[..., start:stop, :])
@@ -142,7 +142,7 @@ class LinearAttention(Attention):
             _, rotated_k = Attention.transform_qk(self, phi_k, phi_k, k_positions[..., start:stop])
             return torch.cat([rotated_k.transpose(-1, -2) @ v[..., start:stop, :].float(), phi_k.sum(dim=-2).unsqueeze(-1)], dim=-1)
 
-        sums = recomputed_chunks(key_sums, k_length, chunk_count(k_length, k[..., :1, :].numel() * 4), dim=None)
+        sums = recomputed_chunks(key_sums, k_length, chunk_count(k_length, k[..., :1, :].numel()), dim=None)
         kv, z = sums[..., :head_dim], sums[..., head_dim:]
 
         def queries(start: int, stop: int) -> Tensor:

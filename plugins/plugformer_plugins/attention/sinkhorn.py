@@ -157,6 +157,9 @@ class SinkhornAttention(Attention):
 
         # Blocks of queries a few at a time, recomputed in backward: no (length × 2·block) scores kept.
         step = chunk_count(n_blocks, batch * heads * block * max(2 * block, n_blocks))
+        # Every chunk reads all keys (a full-size copy for the matmul): at most 8 chunks, so
+        # that work stays a small multiple of one pass instead of growing with n / block.
+        step = max(step, -(-n_blocks // 8))
         out = recomputed_chunks(chunk, n_blocks, step, dim=2)
         return out.flatten(2, 3)[:, :, :length].to(out_dtype)
 
