@@ -115,6 +115,7 @@ def route_library_output(run_dir: Path, rank: int = 0) -> Routing:
     if files:
         routing.log_file = Path(files[0].baseFilename)  # type: ignore[attr-defined]
     else:
+        run_dir.mkdir(parents=True, exist_ok=True)
         routing.log_file = run_dir / (LOG_FILE if rank == 0 else f"train.rank{rank}.log")
         handler = logging.FileHandler(routing.log_file, encoding="utf-8")
         handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
