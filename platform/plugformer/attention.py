@@ -138,13 +138,16 @@ def recomputed_chunks(
     backward pass: only the outputs are, and each range's intermediates (scores, softmax
     weights, gathered key blocks) are recomputed one range at a time in the backward pass.
     Peak memory is then that of one range instead of all of them, at the cost of running
-    ``fn``'s forward twice. ``fn`` may close over tensors that require grad (the full q, k,
+    ``fn``'s forward twice; when one range covers everything, ``fn`` runs once, plainly
+    (short sequences keep their speed). ``fn`` may close over tensors that require grad (the full q, k,
     v): gradients reach them as usual. Dropout inside ``fn`` is replayed identically (the
     RNG state is restored for the recomputation). Without autograd (inference, or no input
     requiring grad) the ranges run plainly, which still bounds the peak to one range.
     """
     if total < 1 or step < 1:
         raise ValueError(f"recomputed_chunks needs total ≥ 1 and step ≥ 1, got total={total}, step={step}")
+    if step >= total:  # one range: recomputing it would bound nothing, only cost a forward pass
+        return fn(0, total)
     record = torch.is_grad_enabled()
     parts: list[Tensor] = []
     result: Tensor | None = None
