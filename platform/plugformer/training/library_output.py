@@ -47,11 +47,17 @@ def shows_on_console(record: logging.LogRecord) -> bool:
     return _NOISE.search(record.getMessage()) is None
 
 
+# The logger that ``logging.captureWarnings`` sends Python warnings to.
+_WARNINGS_LOGGER = "py.warnings"
+
+
 class ConsoleFilter(logging.Filter):
-    """Lets through to a console handler only what :func:`shows_on_console` accepts."""
+    """Lets through to a console handler only what :func:`shows_on_console` accepts, but
+    no captured Python warning: those have a stderr handler of their own (Hydra's console
+    handler writes to stdout, and warnings belong on stderr)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return shows_on_console(record)
+        return record.name != _WARNINGS_LOGGER and shows_on_console(record)
 
 
 @dataclass
@@ -142,6 +148,12 @@ def route_library_output(run_dir: Path, rank: int = 0) -> Routing:
     if warnings.showwarning is not getattr(logging, "_showwarning", None) and not _warnings_recorded():
         logging.captureWarnings(True)
         routing.captured_warnings = True
+        stderr = logging.StreamHandler(sys.stderr)  # as Python would print them, when they concern the user
+        stderr.setFormatter(logging.Formatter("%(message)s"))
+        stderr.addFilter(shows_on_console)
+        captured = logging.getLogger(_WARNINGS_LOGGER)
+        captured.addHandler(stderr)
+        routing.added.append((captured, stderr))
     return routing
 
 
