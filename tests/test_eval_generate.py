@@ -164,3 +164,26 @@ def test_eval_on_a_local_file_reads_it_with_the_runs_tokenizer(runs: dict[str, P
     trained = summary(runs["lm"])["metrics"]["val/loss"]
     assert entry["metrics"]["loss"] != pytest.approx(trained)
     assert json.loads((runs["lm"] / "tokenizer.json").read_text())  # the run's own tokenizer, saved at training
+
+
+def test_eval_in_process_leaves_logging_as_it_was_for_a_later_training(runs: dict[str, Path], tmp_path: Path) -> None:
+    """evaluate() quiets Lightning's notices and the datasets progress bars only while it
+    runs: afterwards logger levels, warnings filters and the progress-bar switch are as they
+    were, and a train() in the same process still writes Lightning's notices to train.log."""
+    import logging
+    import warnings
+
+    import datasets
+
+    watched = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning")]
+    for logger in watched:
+        logger.setLevel(logging.NOTSET)
+    datasets.enable_progress_bars()
+    filters = list(warnings.filters)
+    plugformer.evaluate(runs["rope"], track=False)
+    assert [logger.level for logger in watched] == [logging.NOTSET] * 3
+    assert not datasets.are_progress_bars_disabled()
+    assert warnings.filters == filters
+    cache = f"paths.cache_dir={runs['rope'].parent / 'cache'}"
+    plugformer.train(plugformer.compose([*RUNS["rope"], *TINY, "trainer.max_steps=2", "trainer.val_check_interval=2", cache]), run_dir=tmp_path / "run")
+    assert "GPU available" in (tmp_path / "run" / "train.log").read_text()

@@ -12,10 +12,13 @@ for a run tracked in W&B, logged to the same W&B run as ``eval/*``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,23 @@ def evaluate(
     (``data.<option>=<value>``); returns the entry written to ``eval.json``: the metrics
     (``loss``, ``perplexity`` and the objective's), the evaluated and trained lengths, the
     number of batches and the time taken. ``track``: also log to the run's W&B run."""
+    with quiet_libraries():
+        return _evaluate(
+            run_dir, overrides, split=split, checkpoint=checkpoint, limit_batches=limit_batches,
+            allow_untrained_positions=allow_untrained_positions, track=track,
+        )
+
+
+def _evaluate(
+    run_dir: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    split: str = "validation",
+    checkpoint: str = "best",
+    limit_batches: int | None = None,
+    allow_untrained_positions: bool = False,
+    track: bool = True,
+) -> dict[str, Any]:
     import lightning.pytorch as pl
 
     from plugformer.api import load_run
@@ -49,7 +69,6 @@ def evaluate(
 
     if split not in SPLITS:
         raise ConfigError(f"Unknown split {split!r}.", expected=f"one of {', '.join(SPLITS)}", fix="pass --split validation")
-    quiet_libraries()
     data_overrides, plugin_options = split_overrides(overrides)
     run = load_run(run_dir, checkpoint=checkpoint)
     for namespace in plugin_options:
@@ -94,18 +113,31 @@ def evaluate(
     return entry
 
 
-def quiet_libraries() -> None:
-    """Lightning's start-up notes (accelerators, tips, batch limits) and the datasets
-    progress bars say nothing about an evaluation; warnings stay."""
-    import logging
-    import warnings
-
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Within the block, Lightning's start-up notes (accelerators, tips, batch limits) and
+    the datasets progress bars are silenced: they say nothing about an evaluation; warnings
+    stay. On exit the Lightning logger levels, the warnings filters and the datasets
+    progress-bar switch are as they were, so a later ``train()`` in the same process still
+    writes Lightning's notices to train.log."""
     import datasets
 
-    datasets.disable_progress_bars()
-    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning")]
+    levels = [logger.level for logger in loggers]
+    bars_were_disabled = datasets.are_progress_bars_disabled()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        if not bars_were_disabled:
+            datasets.disable_progress_bars()
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+            if not bars_were_disabled and datasets.are_progress_bars_disabled():
+                datasets.enable_progress_bars()
 
 
 def split_overrides(overrides: Sequence[str]) -> tuple[list[str], dict[str, dict[str, Any]]]:

@@ -165,8 +165,7 @@ def build_datastore(run_dir: str | Path, data_overrides: list[str], *, split: st
     """Encode ``split`` of the run's data (with ``data_overrides``) and write the datastore
     to ``<run_dir>/knn_lm/<name>/``: ``index.faiss``, ``values.pt`` (next tokens) and
     ``datastore.json`` (what it was built from, its size and build time). Returns the json."""
-    from plugformer.api import load_run
-    from plugformer.evaluation import SPLITS, data_with_overrides, quiet_libraries
+    from plugformer.evaluation import SPLITS, quiet_libraries
 
     index_options: IndexOptions = _options(IndexOptions, options or {}, "index")
     if split not in SPLITS:
@@ -174,7 +173,14 @@ def build_datastore(run_dir: str | Path, data_overrides: list[str], *, split: st
     if index_options.type not in INDEX_TYPES:
         raise ConfigError(f"Unknown index.type={index_options.type!r}.", expected=f"one of {', '.join(INDEX_TYPES)}", fix="index.type=flat")
     faiss = require_faiss()
-    quiet_libraries()
+    with quiet_libraries():
+        return _write_datastore(run_dir, data_overrides, split, index_options, faiss)
+
+
+def _write_datastore(run_dir: str | Path, data_overrides: list[str], split: str, index_options: IndexOptions, faiss: Any) -> dict[str, Any]:
+    from plugformer.api import load_run
+    from plugformer.evaluation import data_with_overrides
+
     run = load_run(run_dir)
     _check_causal_lm(run)
     data = data_with_overrides(run, data_overrides)
