@@ -2,7 +2,8 @@
 models built from configs (no downloads) are imported with ``plugformer import-hf``; the
 plugformer model's logits equal HF's within 1e-5 (float32) on the same tokens; exporting
 back gives a folder ``AutoModelForCausalLM.from_pretrained`` loads with identical logits;
-``generate`` and ``eval`` run on the imported run directory."""
+``generate`` and ``eval`` run on the imported run directory (through the CLI's ``main`` in
+this process: the console entry itself is tested in test_cli and test_eval_generate)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import run_cli
 from plugformer import ConfigError, load_run
+from plugformer.cli import main
 from plugformer.hf import export_hf, import_hf
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test/extra dependency (pip install -e '.[hf]')")
@@ -99,36 +100,39 @@ def test_export_round_trip_gives_identical_hf_logits(imported, name: str, tmp_pa
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
 
 
-@pytest.mark.slow
-def test_generate_on_imported_run_matches_hf_greedy(imported) -> None:
+def test_generate_on_imported_run_matches_hf_greedy(imported, capsys: pytest.CaptureFixture[str]) -> None:
     model, _, run_dir = imported["llama_gqa_head_dim"]
-    result = run_cli("generate", str(run_dir), "--prompt", "hello", "--max-new-tokens", "5", "--checkpoint", "last", "--json", timeout=240)
-    assert result.returncode == 0, result.stderr[-2000:]
-    generated = json.loads(result.stdout.strip().splitlines()[-1])["ids"]
+    status = main(["generate", str(run_dir), "--prompt", "hello", "--max-new-tokens", "5", "--checkpoint", "last", "--json"])
+    out, err = capsys.readouterr()
+    assert status == 0, err[-2000:]
+    generated = json.loads(out.strip().splitlines()[-1])["ids"]
     prompt = torch.tensor([load_run(run_dir, checkpoint="last").tokenizer.encode("hello")])
     with torch.no_grad():
         expected = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)[0, prompt.shape[1]:]
     assert generated == expected.tolist()
 
 
-@pytest.mark.slow
-def test_eval_on_imported_run(imported) -> None:
+def test_eval_on_imported_run(imported, capsys: pytest.CaptureFixture[str]) -> None:
     _, _, run_dir = imported["gpt2"]
-    result = run_cli("eval", str(run_dir), "--checkpoint", "last", "--limit-batches", "2", timeout=240)
-    assert result.returncode == 0, result.stderr[-2000:]
+    status = main(["eval", str(run_dir), "--checkpoint", "last", "--limit-batches", "2"])
+    out, err = capsys.readouterr()
+    assert status == 0, err[-2000:]
+    assert str(run_dir) in out, out
     entry = json.loads((run_dir / "eval.json").read_text())["evaluations"][-1]
     # Random weights over 300 rows: the loss is near log(300) ≈ 5.7, certainly finite.
     assert 3.0 < entry["metrics"]["loss"] < 9.0
+    assert entry["batches"] == 2 and "(2 batches" in out
 
 
-@pytest.mark.slow
-def test_unsupported_architecture_is_one_clear_cli_error(tmp_path: Path) -> None:
+def test_unsupported_architecture_is_one_clear_cli_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     folder = tmp_path / "bert"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
-    result = run_cli("import-hf", str(folder), f"run_dir={tmp_path / 'run'}", timeout=120)
-    assert result.returncode != 0
-    assert "model_type='bert'" in result.stderr and "Traceback" not in result.stderr
+    status = main(["import-hf", str(folder), f"run_dir={tmp_path / 'run'}"])  # a traceback would raise here
+    err = capsys.readouterr().err
+    assert status != 0
+    assert "model_type='bert'" in err and err.count("plugformer: error:") == 1, err
     assert not (tmp_path / "run").exists()
 
 
