@@ -196,6 +196,7 @@ def load_run(run_dir: str | Path, *, checkpoint: str = "best", plugins: Plugins 
     import torch
 
     from plugformer.model.builder import choose_components
+    from plugformer.sharded_checkpoint import is_sharded_checkpoint, load_model_state
 
     directory = Path(run_dir).expanduser().resolve()
     config_file = directory / "config.yaml"
@@ -206,9 +207,9 @@ def load_run(run_dir: str | Path, *, checkpoint: str = "best", plugins: Plugins 
             fix="pass the run directory that `plugformer train` printed",
         )
     path = Path(checkpoint) if checkpoint not in ("best", "last") else directory / "checkpoints" / f"{checkpoint}.ckpt"
-    if checkpoint == "best" and not path.is_file():
+    if checkpoint == "best" and not path.exists():
         path = directory / "checkpoints" / "last.ckpt"
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(
             f"{directory} has no checkpoint {path.name}.",
             expected="checkpoints/best.ckpt or checkpoints/last.ckpt",
@@ -218,7 +219,10 @@ def load_run(run_dir: str | Path, *, checkpoint: str = "best", plugins: Plugins 
     assert isinstance(cfg, DictConfig)
     plugins = plugins or _session_plugins()
     built = build(cfg, plugins=plugins, run_dir=directory, chosen=choose_components(cfg, plugins.registry))
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    if is_sharded_checkpoint(path):  # trainer=fsdp's sharded checkpoint: a directory
+        state = load_model_state(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
     weights = {name.removeprefix("model."): value for name, value in state.items() if name.startswith("model.")}
     built.model.load_state_dict(weights)
     summary_file = directory / "summary.json"

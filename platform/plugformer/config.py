@@ -82,10 +82,43 @@ class OptimConfig:
     min_lr_ratio: float = field(default=0.1, metadata=bounds(ge=0.0, le=1.0))
 
 
+class ShardingStrategy(str, Enum):
+    """What FSDP shards (torch.distributed.fsdp.ShardingStrategy): parameters, gradients and
+    optimizer state (FULL_SHARD); gradients and optimizer state, with parameters kept whole
+    between forward and backward (SHARD_GRAD_OP); FULL_SHARD within a node and replicas
+    across nodes (HYBRID_SHARD, GPUs only)."""
+
+    FULL_SHARD = "FULL_SHARD"
+    SHARD_GRAD_OP = "SHARD_GRAD_OP"
+    HYBRID_SHARD = "HYBRID_SHARD"
+
+
+class StateDictType(str, Enum):
+    sharded = "sharded"  # a checkpoint directory: one shard file per rank, written in parallel
+    full = "full"  # one checkpoint file, gathered on rank 0
+
+
+@dataclass
+class FSDPConfig:
+    """``trainer.fsdp.*`` (``trainer=fsdp``; read by :mod:`plugformer.training.fsdp`). Every
+    block class of the built model is its own FSDP unit; ``activation_checkpointing``
+    recomputes each block's activations in the backward pass; ``reduce_in_fp32`` reduces
+    gradients in float32 when ``trainer.precision`` is a mixed one (parameters are gathered
+    and computed in its 16-bit type); ``cpu_offload`` keeps the parameter shards in CPU memory."""
+
+    sharding_strategy: ShardingStrategy = ShardingStrategy.FULL_SHARD
+    activation_checkpointing: bool = False
+    state_dict_type: StateDictType = StateDictType.sharded
+    reduce_in_fp32: bool = True
+    cpu_offload: bool = False
+
+
 def store_core_configs(store: ConfigStore | None = None) -> None:
     store = store or ConfigStore.instance()
     store.store(group="model", name="default", node=ModelConfig)
     store.store(group="optim", name="adamw", node=OptimConfig)
+    # conf/trainer/fsdp.yaml takes its `fsdp:` node from here, so its options are typed.
+    store.store(group="trainer/fsdp", name="options", node=FSDPConfig)
 
 
 def optim_config(cfg: DictConfig) -> OptimConfig:

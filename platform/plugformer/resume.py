@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from plugformer.errors import ConfigError
+from plugformer.sharded_checkpoint import read_metadata, tensor_shapes
 
 RUN_FILE = "run.json"
 CHECKPOINT_DIR = Path("checkpoints")
@@ -102,13 +103,18 @@ def check_run_directory(resume: str) -> Path:
 
 
 def read_checkpoint(path: Path) -> CheckpointInfo:
-    """Open a checkpoint without loading its tensors (memory-mapped); raises on a file that
-    is truncated or not a checkpoint."""
+    """Open a checkpoint without loading its tensors (memory-mapped), a file or a sharded
+    checkpoint directory (``trainer=fsdp``: its metadata and shard index); raises on one
+    that is truncated or not a checkpoint."""
     import torch
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    if Path(path).is_dir():
+        checkpoint = read_metadata(path)  # raises when meta.pt is missing: not a checkpoint
+        shapes = tensor_shapes(path)
+    else:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        shapes = {name: tuple(value.shape) for name, value in checkpoint.get("state_dict", {}).items() if hasattr(value, "shape")}
     record = checkpoint.get(RECORD_KEY) or {}
-    shapes = {name: tuple(value.shape) for name, value in checkpoint.get("state_dict", {}).items() if hasattr(value, "shape")}
     return CheckpointInfo(Path(path), int(checkpoint["global_step"]), record.get("components"), shapes)
 
 
@@ -130,7 +136,7 @@ def choose_checkpoint(run_dir: Path, choice: str = "last") -> CheckpointInfo:
     """The checkpoint ``resume_checkpoint=`` names, read and checked; a missing or unreadable
     one raises :class:`ConfigError` naming the file and the checkpoints that do load."""
     path = _checkpoint_choice(run_dir, choice)
-    info, problem = _try_read(path) if path.is_file() else (None, "the file does not exist")
+    info, problem = _try_read(path) if path.exists() else (None, "the file does not exist")
     if info is not None:
         return info
     usable = []

@@ -8,9 +8,13 @@ disk ends the run with one message; the previous file under the final name is un
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import json
 import os
+import secrets
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -72,14 +76,79 @@ def write_json_atomically(path: Path, data: Any) -> None:
 
 
 def remove_orphan_temporaries(folder: Path) -> list[Path]:
-    """Delete the temporary files that killed atomic writes left in ``folder`` (call only
-    while holding the run's lock: nobody else writes there). Returns what was removed."""
+    """Delete the temporary files and directories (sharded checkpoints) that killed atomic
+    writes left in ``folder`` (call only while holding the run's lock: nobody else writes
+    there). Returns what was removed."""
     removed = []
     for tmp in Path(folder).glob(".*.tmp"):
-        if tmp.is_file():
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+        elif tmp.is_file():
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
+
+
+def temporary_sibling(path: Path) -> Path:
+    """A fresh temporary name next to ``path`` (``.<name>.<random>.tmp``), which
+    :func:`remove_orphan_temporaries` recognises."""
+    return path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+
+
+def _fsync_tree(folder: Path) -> None:
+    for file in folder.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
+    system does not offer it."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False  # e.g. a file system without RENAME_EXCHANGE
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def replace_directory_atomically(written: Path, path: Path) -> None:
+    """Put the complete directory ``written`` (a temporary sibling of ``path``) under the
+    name ``path``, replacing what was there, so that ``path`` is never half written: its
+    files are flushed to disk, then the two are swapped in one atomic rename (Linux), and
+    the previous content is deleted. Without an atomic swap (other systems) the previous
+    content is renamed away first, so a crash between the two renames leaves ``path``
+    absent (never partial) and both versions as temporaries."""
+    _fsync_tree(written)
+    if not path.exists() and not path.is_symlink():
+        os.replace(written, path)
+        return
+    if path.is_dir() and not path.is_symlink() and _exchange(written, path):
+        shutil.rmtree(written)  # now the previous content
+        return
+    previous = temporary_sibling(path)
+    os.replace(path, previous)
+    os.replace(written, path)
+    if previous.is_dir():
+        shutil.rmtree(previous)
+    else:
+        previous.unlink()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelSummary
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
 
 from plugformer.api import build
 from plugformer.compatibility import Chosen
@@ -31,6 +32,7 @@ from plugformer.training.callbacks import (
 )
 from plugformer.training import console
 from plugformer.training.library_output import route_library_output
+from plugformer.training.fsdp import check_fsdp_options, fsdp_trainer_arguments, is_fsdp, sharding_report
 from plugformer.training.checkpointing import (
     AtomicCheckpointIO, remove_orphan_temporaries, replace_atomically, write_json_atomically,
 )
@@ -121,16 +123,24 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, hooks: Any) -> tuple[list[Ca
     return callbacks, history, throughput
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, loggers: list[Any], callbacks: list[Callback]) -> pl.Trainer:
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, loggers: list[Any], callbacks: list[Callback], model: nn.Module | None = None
+) -> pl.Trainer:
+    """The Lightning Trainer for ``cfg.trainer``; with ``strategy: fsdp`` the platform's FSDP
+    strategy, whose units are ``model``'s blocks (:mod:`plugformer.training.fsdp`)."""
     options: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     options.setdefault("enable_progress_bar", cfg.callbacks.get("progress_bar", "rich") != "none")
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if is_fsdp(options) and model is not None:
+        options = fsdp_trainer_arguments(options, model)
+        plugins += options.pop("plugins")
     try:
         return pl.Trainer(
             **options,
             default_root_dir=str(run_dir),
             logger=loggers,
             callbacks=callbacks,
-            plugins=[AtomicCheckpointIO()],
+            plugins=plugins,
         )
     except TypeError as error:
         raise ConfigError(
@@ -183,6 +193,7 @@ def _train(state: RunState, plugins: Plugins, ckpt_path: str | None, checkpoint:
     if ckpt_path is not None and checkpoint is None:
         checkpoint = read_checkpoint(Path(ckpt_path))
     threads = apply_threads(cfg)
+    check_fsdp_options(cfg.get("trainer"))  # before anything is built
     registry = plugins.registry
     chosen = choose_components(cfg, registry)  # names the missing distribution of a saved run
     state.components = {kind: c.name for kind, c in chosen.items()}
@@ -227,7 +238,7 @@ def _train(state: RunState, plugins: Plugins, ckpt_path: str | None, checkpoint:
     callbacks += [RunRecord(state.components), ValidateAtLastStep()]
     if ckpt_path is not None:
         callbacks += [OnTrainStart(lambda: _write_config(run_dir, cfg)), LoggingStepAfterResume()]
-    state.trainer = build_trainer(cfg, run_dir, state.loggers, callbacks)
+    state.trainer = build_trainer(cfg, run_dir, state.loggers, callbacks, state.module)
     for logger in state.loggers:
         logger.log_hyperparams({"model/params": state.params})
     if rank_zero_only.rank == 0:
@@ -326,6 +337,7 @@ def build_summary(state: RunState, plugins: Plugins, status: str, error: str | N
         "data_wait_fraction": state.throughput.data_wait_fraction if state.throughput is not None else None,
         "wandb_dir": str(wandb_dir) if wandb_dir else None,
         "memory": state.memory,
+        "sharding": sharding_report(trainer) if trainer is not None else None,  # trainer=fsdp: what each rank holds
         "extra": extra,
     }
     if error is not None:
