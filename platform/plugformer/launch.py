@@ -153,7 +153,8 @@ def _with_resume_dir(overrides: list[str]) -> list[str]:
     resume = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
     if not resume or resume[-1] in ("", "null"):
         return overrides
-    check_free(Path(resume[-1]).expanduser())  # a running run is named as such, checkpoint or not
+    if process_rank() == 0:  # other ranks run beside rank 0, which holds the run's lock
+        check_free(Path(resume[-1]).expanduser())  # a running run is named as such, checkpoint or not
     run_dir = check_run_directory(resume[-1])
     if any(o.startswith("hydra.run.dir=") for o in overrides):
         return overrides
