@@ -184,7 +184,14 @@ class Objective(nn.Module):
     an :class:`ObjectiveOutput` for the last stack's hidden states; :meth:`model_inputs`
     says what the model receives; :meth:`tokens_in` and :meth:`examples_in` count a batch.
     The core reads nothing else from a batch.
+
+    ``metrics_due`` is False while the training loop runs a step whose metrics no logger
+    reads (most training steps: they are logged every ``trainer.log_every_n_steps``):
+    ``forward`` may then leave out metrics that cost a pass over the logits (an argmax for
+    accuracy); the loss is always needed. It is True everywhere else.
     """
+
+    metrics_due: bool = True
 
     def forward(self, hidden: Tensor, batch: dict[str, Tensor]) -> ObjectiveOutput:
         raise NotImplementedError
@@ -223,9 +230,17 @@ class Objective(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} has no token head")
 
     def tokens_in(self, batch: dict[str, Tensor]) -> int:
-        """Tokens the batch contributes to throughput."""
+        """Tokens the batch contributes to throughput: ``int(self.count_tokens(batch))``."""
+        return int(self.count_tokens(batch))
+
+    def count_tokens(self, batch: dict[str, Tensor]) -> Tensor | int:
+        """What :meth:`tokens_in` counts, as an integer or a 0-d tensor on the batch's device:
+        the throughput callback adds these up on the device and reads the sum only when it
+        logs, so counting needs no wait for the device at every step. Override this one (an
+        objective that overrides only :meth:`tokens_in` is counted with it). By default the
+        tokens ``attention_mask`` marks, else every input token."""
         mask = batch.get("attention_mask")
-        return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        return mask.sum() if mask is not None else batch["input_ids"].numel()
 
     def examples_in(self, batch: dict[str, Tensor]) -> int:
         """Examples in the batch (the weight of its metrics in epoch averages)."""
@@ -277,7 +292,28 @@ class DataTask(_LightningDataModuleSlot):
     def prepare(self) -> None:
         raise NotImplementedError
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Lightning's transfer, after noting on the host which boolean tensors of the batch
+        (its padding masks) are all True, so the model skips the padding path without waiting
+        for the device (:func:`plugformer.masks.all_true`). A task that overrides this should
+        call it."""
+        from plugformer.masks import all_true_on_host, mark_all_true
+
+        known = all_true_on_host(batch)
+        return mark_all_true(super().transfer_batch_to_device(batch, device, dataloader_idx), known)  # type: ignore[misc]
+
 
 def default_positions(length: int, device: torch.device | str | None = None) -> Tensor:
     """Positions 0..length-1 shared by every example: (1, length)."""
     return torch.arange(length, device=device)[None, :]
+
+def batch_token_count(objective: Objective, batch: dict[str, Tensor]) -> Tensor | int:
+    """The objective's token count of a batch, as :meth:`Objective.count_tokens` gives it, or
+    from :meth:`Objective.tokens_in` when the objective overrides that one below (an
+    objective written before ``count_tokens`` existed)."""
+    for cls in type(objective).__mro__:
+        if "count_tokens" in vars(cls):
+            return objective.count_tokens(batch)
+        if "tokens_in" in vars(cls):
+            return objective.tokens_in(batch)
+    return objective.count_tokens(batch)
