@@ -27,7 +27,42 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["allowed_keys", "causal_allowed", "no_key_fallback"]
+__all__ = ["all_true", "all_true_on_host", "allowed_keys", "causal_allowed", "mark_all_true", "no_key_fallback"]
+
+
+_ALL_TRUE = "_plugformer_all_true"
+
+
+def all_true(mask: Tensor) -> bool:
+    """Whether every entry of ``mask`` is True (no padding), without reading an accelerator's
+    memory when the answer was noted on the host before the batch was moved there
+    (:func:`mark_all_true`); otherwise computed (on a GPU that waits for the device). A noted
+    answer belongs to the tensor as moved: a mask changed in place afterwards must not keep it."""
+    known = getattr(mask, _ALL_TRUE, None)
+    return bool(mask.all()) if known is None else known
+
+
+def all_true_on_host(batch: object) -> dict[str, bool]:
+    """For a batch mapping still on the CPU: whether each of its boolean tensors (the padding
+    masks) is all True, by key. Anything else: nothing."""
+    if not isinstance(batch, dict):
+        return {}
+    return {
+        key: bool(value.all())
+        for key, value in batch.items()
+        if isinstance(value, Tensor) and value.dtype == torch.bool and value.device.type == "cpu"
+    }
+
+
+def mark_all_true(batch: object, known: dict[str, bool]) -> object:
+    """Notes ``known`` (from :func:`all_true_on_host` before the transfer) on the moved
+    batch's tensors, for :func:`all_true`; returns the batch."""
+    if isinstance(batch, dict):
+        for key, value in known.items():
+            tensor = batch.get(key)
+            if isinstance(tensor, Tensor) and tensor.dtype == torch.bool:
+                setattr(tensor, _ALL_TRUE, value)
+    return batch
 
 
 def causal_allowed(q_length: int, k_length: int, device: torch.device | str | None = None) -> Tensor:

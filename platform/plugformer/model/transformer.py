@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from plugformer.attention import AttentionState
 from plugformer.blocks import Block, LayerState, StepInputs
 from plugformer.components import FeedForward, ModelInputs, Objective, ObjectiveOutput, PositionEncoding
+from plugformer.masks import all_true
 from plugformer.parameters import keeps_initialization
 from plugformer.reversible import ReversibleBlock, run_reversible
 
@@ -101,7 +102,7 @@ class Stack(nn.Module):
         extras: dict[str, Tensor] | None = None,
         state: StackState | None = None,
     ) -> Tensor:
-        if mask is not None and bool(mask.all()):
+        if mask is not None and all_true(mask):
             mask = None  # no padding: lets attention take its fastest path
         if positions is None:
             positions = self._positions(x, mask, state)
@@ -226,7 +227,7 @@ class Transformer(nn.Module):
         context = self.encoder(  # type: ignore[misc]
             self.token_embedding(inputs.input_ids), mask=mask, positions=inputs.positions, extras=inputs.extras
         )
-        if mask is not None and bool(mask.all()):
+        if mask is not None and all_true(mask):
             mask = None
         if state is not None:
             state.context, state.context_mask = context, mask

@@ -9,6 +9,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from plugformer.components import batch_token_count
+
 
 def _scalar(value: Any) -> float | None:
     """A one-number metric as a float (NaN and inf kept: a diverged metric is recorded as
@@ -29,18 +31,27 @@ class ThroughputMonitor(pl.Callback):
     collating the next batch, moving it to the device, and the loop's bookkeeping between
     steps), over every step but the first; gaps that hold a validation or an epoch's end are
     not counted. Logged (the run's fraction so far) whenever ``train/tokens_per_second`` is.
+
+    Tokens are counted with the objective's ``count_tokens`` and added up where the batch is
+    (a 0-d tensor on a GPU), then read only when logged or asked for: reading a count from the
+    device every step would make the host wait for it.
     """
 
     def __init__(self) -> None:
-        self.tokens = 0
+        self._tokens: torch.Tensor | int = 0
         self.seconds = 0.0
         self.waited = 0.0  # seconds between a batch's end and the next one's start
         self.busy = 0.0  # seconds from batch start to batch end, of the same steps
-        self._window_tokens = 0
+        self._window_tokens: torch.Tensor | int = 0
         self._window_seconds = 0.0
         self._step_start = 0.0
         self._last_end: float | None = None
         self._gap: float | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of the timed steps so far (all ranks)."""
+        return int(self._tokens)
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -67,8 +78,8 @@ class ThroughputMonitor(pl.Callback):
         if trainer.global_step <= 1:
             self._last_end = time.perf_counter()
             return
-        tokens = module.model.objective.tokens_in(batch) * trainer.world_size
-        self.tokens += tokens
+        tokens = batch_token_count(module.model.objective, batch) * trainer.world_size
+        self._tokens = self._tokens + tokens
         self.seconds += elapsed
         self._window_tokens += tokens
         self._window_seconds += elapsed
@@ -76,7 +87,7 @@ class ThroughputMonitor(pl.Callback):
             self.waited += self._gap
             self.busy += elapsed
         if trainer.global_step % max(1, trainer.log_every_n_steps) == 0 and self._window_seconds > 0:
-            module.log("train/tokens_per_second", self._window_tokens / self._window_seconds, on_step=True, on_epoch=False)
+            module.log("train/tokens_per_second", int(self._window_tokens) / self._window_seconds, on_step=True, on_epoch=False)
             if self.data_wait_fraction is not None:
                 module.log("train/data_wait_fraction", self.data_wait_fraction, on_step=True, on_epoch=False)
             self._window_tokens, self._window_seconds = 0, 0.0

@@ -9,6 +9,7 @@ to the run's ``train.log`` instead (:mod:`plugformer.training.library_output`).
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,31 +49,80 @@ def bar_metrics(trainer: pl.Trainer, module: Any) -> dict[str, float]:
 
 
 class _ShownMetrics:
-    """:func:`bar_metrics`, read again only every ``log_every_n_steps`` training steps and
-    outside training: reading a loss on the GPU waits for the device, which the training step
-    otherwise avoids."""
+    """What both progress bars share: they show :func:`bar_metrics`, and they redraw the
+    training bar at most every ``update_interval_s`` seconds instead of after every step.
 
-    def __init__(self) -> None:
-        self.shown: dict[str, float] = {}
-        self.step = -1
+    Metrics are read again only every ``log_every_n_steps`` training steps and outside
+    training: reading a loss on the GPU waits for the device, which the training step otherwise
+    avoids. Formatting the metrics and updating the bar after every step was the largest
+    per-step cost of the default logging (BENCHMARKS.md, "Platform overhead per step"), so a
+    training batch's end updates the bar only when ``update_interval_s`` has passed since the
+    last update, and always at the first batch, the last batch of an epoch and the run's last
+    step; a skipped update is caught up before validation and at the end of an epoch or of
+    training, so the bar always ends showing the exact final count and metrics.
 
-    def read(self, trainer: pl.Trainer, module: Any) -> dict[str, float]:
-        step = trainer.global_step
-        due = step != self.step and (not self.shown or step % max(1, trainer.log_every_n_steps) == 0)
-        if due or not trainer.training:
-            self.shown, self.step = bar_metrics(trainer, module), step
-        return self.shown
+    A mixin: ``class Bar(_ShownMetrics, LightningProgressBar)``."""
 
+    update_interval_s: float = 0.1
 
-class RichMetricsBar(RichProgressBar):
-    """Lightning's rich progress bar showing :func:`bar_metrics`."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, update_interval_s: float | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._shown = _ShownMetrics()
+        if update_interval_s is not None:
+            self.update_interval_s = float(update_interval_s)
+        self._shown: dict[str, float] = {}
+        self._shown_step = -1
+        self._last_update: float | None = None  # perf_counter of the last training-bar update
+        self._pending: int | None = None  # batch_idx of a training batch end not yet shown
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        return self._shown.read(trainer, pl_module)  # type: ignore[return-value]
+        step = trainer.global_step
+        due = step != self._shown_step and (not self._shown or step % max(1, trainer.log_every_n_steps) == 0)
+        if due or not trainer.training:
+            self._shown, self._shown_step = bar_metrics(trainer, pl_module), step
+        return self._shown  # type: ignore[return-value]
+
+    def _update_due(self, trainer: pl.Trainer, batch_idx: int) -> bool:
+        if self._last_update is None or time.perf_counter() - self._last_update >= self.update_interval_s:
+            return True
+        last_step = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
+        return last_step or batch_idx + 1 >= self.total_train_batches
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self._update_due(trainer, batch_idx):
+            self._pending = batch_idx
+            return
+        self._pending = None
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # type: ignore[misc]
+        self._last_update = time.perf_counter()
+
+    def _catch_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Show the last training batch end that was skipped (Lightning's bars read neither
+        its outputs nor its batch)."""
+        if self._pending is not None:
+            batch_idx, self._pending = self._pending, None
+            super().on_train_batch_end(trainer, pl_module, None, None, batch_idx)  # type: ignore[misc]
+            self._last_update = time.perf_counter()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._catch_up(trainer, pl_module)
+        super().on_validation_start(trainer, pl_module)  # type: ignore[misc]
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._catch_up(trainer, pl_module)
+        super().on_train_epoch_end(trainer, pl_module)  # type: ignore[misc]
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._catch_up(trainer, pl_module)
+        super().on_train_end(trainer, pl_module)  # type: ignore[misc]
+
+
+class RichMetricsBar(_ShownMetrics, RichProgressBar):
+    """Lightning's rich progress bar showing :func:`bar_metrics`, drawn at most
+    ``refresh_rate`` times a second (Lightning's default, 100, redraws a terminal after
+    nearly every step of a small model; rich's own default is 10)."""
+
+    def __init__(self, *args: Any, refresh_rate: int = 10, **kwargs: Any) -> None:
+        super().__init__(*args, refresh_rate=refresh_rate, **kwargs)
 
     def _get_train_description(self, current_epoch: int) -> str:
         # Lightning writes "Epoch 0/-2" when max_epochs is -1 (runs bounded by max_steps).
@@ -81,15 +131,8 @@ class RichMetricsBar(RichProgressBar):
         return f"{text:{len(self.validation_description)}}" if len(self.validation_description) > len(text) else text
 
 
-class TQDMMetricsBar(TQDMProgressBar):
+class TQDMMetricsBar(_ShownMetrics, TQDMProgressBar):
     """Lightning's tqdm progress bar showing :func:`bar_metrics`."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._shown = _ShownMetrics()
-
-    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        return self._shown.read(trainer, pl_module)  # type: ignore[return-value]
 
 
 # --- the header -------------------------------------------------------------------------

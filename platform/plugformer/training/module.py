@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import pluggy
+from lightning.pytorch.plugins.precision import Precision
 import torch
 from torch import Tensor, nn
 
@@ -75,6 +76,7 @@ class TrainingModule(pl.LightningModule):
         self.carry_state = carry_state
         self._states: dict[str, ModelState | None] = {}
         self._step_metrics: tuple[dict[str, Tensor], int] = ({}, 0)  # the last training step's, see log_step_metrics
+        self._gradient_norm: tuple[Any, list[Tensor], Tensor] | None = None  # see note_gradient_norm
         # A plain dict, so these modules are not submodules: out of state_dict and parameters().
         self.frozen: dict[str, nn.Module] = dict(frozen or {})
         if auxiliary:
@@ -120,9 +122,16 @@ class TrainingModule(pl.LightningModule):
         return [m for m in self.model.modules() if isinstance(m, Attention) and callable(getattr(m, "aux_losses", None))]
 
     def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        batch = self.model.objective.prepare_batch(batch)
+        objective = self.model.objective
+        batch = objective.prepare_batch(batch)
         state = self._state_for(stage, batch)
-        outputs = self.model(batch, state=state)
+        logged = stage != "train" or self._loggers_write_this_step()
+        # A training step whose metrics no logger reads lets the objective skip them.
+        objective.metrics_due = logged
+        try:
+            outputs = self.model(batch, state=state)
+        finally:
+            objective.metrics_due = True
         if state is not None:
             state.detach()
         terms = self._loss_terms(batch, outputs, stage)
@@ -133,7 +142,7 @@ class TrainingModule(pl.LightningModule):
         batch_size = self.model.objective.examples_in(batch)
         if stage == "train":
             self._step_metrics = (values, batch_size)
-            if self._loggers_write_this_step():
+            if logged:
                 self.log_step_metrics()
             return total
         for name, value in values.items():
@@ -165,6 +174,23 @@ class TrainingModule(pl.LightningModule):
         if self._trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
 
+    def note_gradient_norm(self, optimizer: Any, parameters: list[Tensor], norm: Tensor) -> None:
+        """The total gradient norm of ``optimizer``'s ``parameters`` at this step (the
+        non-finite guard computes it): clipping by norm uses it instead of computing it again."""
+        self._gradient_norm = (optimizer, parameters, norm)
+
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Lightning's clipping; by norm, with the norm noted this step when there is one and
+        the precision plugin clips the optimizer's parameters as Lightning's default does
+        (``clip_grad_norm_`` is that norm followed by ``clip_grads_with_norm_``: the same result)."""
+        noted, self._gradient_norm = self._gradient_norm, None
+        if noted is not None and noted[0] is optimizer and gradient_clip_val and _clips_by_plain_norm(self, gradient_clip_algorithm):
+            torch.nn.utils.clip_grads_with_norm_(noted[1], gradient_clip_val, noted[2])
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "train")
 
@@ -188,3 +214,20 @@ class TrainingModule(pl.LightningModule):
         trained = self.model if auxiliary is None else nn.ModuleList([self.model, auxiliary])
         optimizer, scheduler = build_optimizer(trained, self.optim, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _clips_by_plain_norm(module: pl.LightningModule, algorithm: str | None) -> bool:
+    """Whether clipping is by norm, over the optimizer's own parameters with
+    ``torch.nn.utils.clip_grad_norm_``, as Lightning's default precision plugin does (not under
+    a gradient scaler, a sharded strategy's plugin or Fabric)."""
+    if module._fabric is not None or not hasattr(torch.nn.utils, "clip_grads_with_norm_"):
+        return False
+    if (algorithm or module.trainer.gradient_clip_algorithm or "norm") != "norm":
+        return False
+    plugin = module.trainer.precision_plugin
+    kind = type(plugin)
+    return (
+        getattr(plugin, "scaler", None) is None
+        and kind.clip_grad_by_norm is Precision.clip_grad_by_norm
+        and kind.main_params is Precision.main_params
+    )

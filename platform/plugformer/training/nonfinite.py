@@ -62,8 +62,15 @@ class NonFiniteOptions:
         return options
 
 
-def _gradient_norm(module: torch.nn.Module) -> Tensor | None:
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
+def optimizer_parameters(optimizer: Any) -> list[Tensor]:
+    """The parameters an optimizer steps, in its order: what Lightning's gradient clipping
+    measures (``Precision.main_params``), so a norm of their gradients is the clipping norm."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _gradient_norm(parameters: list[Tensor]) -> Tensor | None:
+    """The total L2 norm of the gradients, computed as ``clip_grad_norm_`` computes it."""
+    grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return None
     if hasattr(torch.nn.utils, "get_total_norm"):  # torch ≥ 2.6: fused per device, as in clipping
@@ -108,7 +115,12 @@ def _record_losses(trainer: pl.Trainer) -> None:
 
 
 class NonFiniteGuard(pl.Callback):
-    """Checks the loss before backward and the gradient norm before each optimizer step."""
+    """Checks the loss before backward and the gradient norm before each optimizer step.
+
+    The norm is that of the optimizer's parameters' gradients, computed as gradient clipping
+    computes it; a module with a ``note_gradient_norm(optimizer, parameters, norm)`` method
+    (:class:`plugformer.training.module.TrainingModule`) is given it, so clipping reuses it
+    instead of a second pass over every gradient."""
 
     def __init__(self, options: NonFiniteOptions | None = None) -> None:
         self.options = options or NonFiniteOptions()
@@ -134,7 +146,12 @@ class NonFiniteGuard(pl.Callback):
         # With a gradient scaler (fp16), infinite gradients are expected now and then: the
         # scaler skips those steps and lowers its scale. Only the loss is checked then.
         if getattr(trainer.strategy.precision_plugin, "scaler", None) is None:
-            norm = _gradient_norm(module)
+            parameters = optimizer_parameters(optimizer)
+            norm = _gradient_norm(parameters)
+            # The training module clips with this norm instead of computing it again.
+            note = getattr(module, "note_gradient_norm", None)
+            if norm is not None and callable(note):
+                note(optimizer, parameters, norm)
         bad = loss_bad.to(norm.device) | ~torch.isfinite(norm) if norm is not None else loss_bad
         step = trainer.global_step
         if self.options.action == "skip":

@@ -43,12 +43,13 @@ class CausalLM(Objective):
             ignore_index=IGNORE_INDEX,
             label_smoothing=self.label_smoothing,
         )
-        scored = labels != IGNORE_INDEX
-        correct = (logits.argmax(-1) == labels) & scored
-        accuracy = correct.sum() / scored.sum().clamp(min=1)
-        return ObjectiveOutput(
-            loss=loss, metrics={"accuracy": accuracy, "perplexity": loss.detach().exp()}, logits=logits, hidden=hidden
-        )
+        metrics = {}
+        if self.metrics_due:  # the argmax is skipped on training steps that log nothing
+            scored = labels != IGNORE_INDEX
+            correct = (logits.detach().argmax(-1) == labels) & scored
+            metrics["accuracy"] = correct.sum() / scored.sum().clamp(min=1)
+        metrics["perplexity"] = loss.detach().exp()
+        return ObjectiveOutput(loss=loss, metrics=metrics, logits=logits, hidden=hidden)
 
 
 COMPONENT = Component(

@@ -81,8 +81,10 @@ class Classification(Objective):
         logits = self.head(self.drop(pooled))
         labels = batch["labels"]
         loss = F.cross_entropy(logits.float(), labels)
-        accuracy = (logits.argmax(-1) == labels).to(torch.float32).mean()
-        return ObjectiveOutput(loss=loss, metrics={"accuracy": accuracy}, logits=logits, hidden=hidden)
+        metrics = {}
+        if self.metrics_due:  # the argmax is skipped on training steps that log nothing
+            metrics["accuracy"] = (logits.detach().argmax(-1) == labels).to(torch.float32).mean()
+        return ObjectiveOutput(loss=loss, metrics=metrics, logits=logits, hidden=hidden)
 
 
 COMPONENT = Component(

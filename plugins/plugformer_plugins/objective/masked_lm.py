@@ -155,16 +155,17 @@ class MaskedLM(Objective):
             reduction="sum",
         )
         loss = total / count  # 0, not NaN, for a batch with nothing selected
-        correct = (logits.detach().argmax(-1) == labels) & scored
-        accuracy = correct.sum() / count
-        return ObjectiveOutput(
-            loss=loss, metrics={"accuracy": accuracy, "perplexity": loss.detach().exp()}, logits=logits, hidden=hidden
-        )
+        metrics = {}
+        if self.metrics_due:  # the argmax is skipped on training steps that log nothing
+            correct = (logits.detach().argmax(-1) == labels) & scored
+            metrics["accuracy"] = correct.sum() / count
+        metrics["perplexity"] = loss.detach().exp()
+        return ObjectiveOutput(loss=loss, metrics=metrics, logits=logits, hidden=hidden)
 
-    def tokens_in(self, batch: dict[str, Tensor]) -> int:
+    def count_tokens(self, batch: dict[str, Tensor]) -> Tensor:
         """Real tokens: those ``attention_mask`` marks, else those that are not padding."""
         mask = batch.get("attention_mask")
-        return int(mask.sum()) if mask is not None else int((batch["input_ids"] != self.pad_id).sum())
+        return mask.sum() if mask is not None else (batch["input_ids"] != self.pad_id).sum()
 
 
 COMPONENT = Component(

@@ -125,15 +125,17 @@ class Seq2Seq(Objective):
             ignore_index=IGNORE_INDEX,
             label_smoothing=self.label_smoothing,
         )
-        accuracy, sequence_accuracy = target_accuracies(logits.detach(), labels)
-        metrics = {"accuracy": accuracy, "sequence_accuracy": sequence_accuracy, "perplexity": loss.detach().exp()}
+        metrics = {}
+        if self.metrics_due:  # the argmax is skipped on training steps that log nothing
+            metrics["accuracy"], metrics["sequence_accuracy"] = target_accuracies(logits.detach(), labels)
+        metrics["perplexity"] = loss.detach().exp()
         return ObjectiveOutput(loss=loss, metrics=metrics, logits=logits, hidden=hidden)
 
-    def tokens_in(self, batch: dict[str, Tensor]) -> int:
+    def count_tokens(self, batch: dict[str, Tensor]) -> Tensor:
         """Real source tokens plus scored target tokens."""
         mask = batch.get("attention_mask")
-        source = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        return source + int((batch["labels"] != IGNORE_INDEX).sum())
+        source = mask.sum() if mask is not None else batch["input_ids"].numel()
+        return source + (batch["labels"] != IGNORE_INDEX).sum()
 
     def examples_in(self, batch: dict[str, Tensor]) -> int:
         return int(batch["input_ids"].shape[0])

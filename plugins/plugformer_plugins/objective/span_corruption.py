@@ -204,14 +204,14 @@ class SpanCorruption(Seq2Seq):
             "decoder_attention_mask": labels != IGNORE_INDEX,
         }
 
-    def tokens_in(self, batch: dict[str, Tensor]) -> int:
+    def count_tokens(self, batch: dict[str, Tensor]) -> Tensor | int:
         """Tokens of text read: the real tokens of the data task's blocks (the throughput
         callback sees the batch before :meth:`prepare_batch`); of a prepared batch, its real
         source and target tokens."""
         if "decoder_input_ids" in batch:
-            return super().tokens_in(batch)
+            return super().count_tokens(batch)
         mask = batch.get("attention_mask")
-        return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        return mask.sum() if mask is not None else batch["input_ids"].numel()
 
 
 COMPONENT = Component(
