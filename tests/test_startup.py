@@ -1,7 +1,9 @@
 """Start-up stays light: importing plugformer, `plugformer plugins`, `--help` and a config
 error do not import Lightning, W&B, `datasets` or matplotlib (they take seconds to import;
-benchmarks/startup.py times the commands). Each check runs in a fresh interpreter, since
-this test process has imported everything already."""
+benchmarks/startup.py times the commands); `plugins` and a misspelled group choice do not
+import torch either (the built-in components are lazy, tests/test_lazy_components.py), and
+`plugformer train` prints its first line before Lightning. Each check runs in a fresh
+interpreter, since this test process has imported everything already."""
 
 from __future__ import annotations
 
@@ -11,12 +13,14 @@ import sys
 import textwrap
 
 HEAVY = ("lightning", "pytorch_lightning", "wandb", "datasets", "matplotlib", "pandas")
+WITH_TORCH = (*HEAVY, "torch")
+STALE = "; if a component module is named, its entry in plugformer_plugins/components.json is out of date: python -m plugformer_plugins.manifest"
 
 
 # Records, for each HEAVY package, the project file and line that first imported it.
-SPY = f"""
+SPY = """
 import sys, traceback
-HEAVY, FIRST = {HEAVY!r}, {{}}
+HEAVY, FIRST = {heavy!r}, {{}}
 class Spy:
     def find_spec(self, name, path=None, target=None):
         top = name.split(".")[0]
@@ -28,10 +32,10 @@ sys.meta_path.insert(0, Spy())
 """
 
 
-def imported_after(code: str) -> dict[str, str]:
-    """The HEAVY packages imported while running ``code`` in a fresh interpreter, each with
-    the project file and line that imported it first."""
-    script = SPY + textwrap.dedent(code) + textwrap.dedent(
+def imported_after(code: str, heavy: tuple[str, ...] = HEAVY) -> dict[str, str]:
+    """The ``heavy`` packages imported while running ``code`` in a fresh interpreter, each
+    with the project file and line that imported it first."""
+    script = SPY.format(heavy=heavy) + textwrap.dedent(code) + textwrap.dedent(
         """
         import json
         print("MODULES=" + json.dumps({m: FIRST.get(m, "?") for m in HEAVY if m in sys.modules}))
@@ -71,9 +75,10 @@ def test_plugins_listing_and_help_stay_light() -> None:
         assert {"attention", "position", "norm", "ffn", "block", "objective", "data"} <= {c["kind"] for c in listed}
         assert all("capabilities" in c for c in listed)
         assert "hydra" not in sys.modules  # a listing stores no config groups
-        """
+        """,
+        WITH_TORCH,
     )
-    assert modules == {}, f"imported (package: first importer): {modules}"
+    assert modules == {}, f"imported (package: first importer): {modules}{STALE}"
 
 
 def test_a_config_error_is_reported_without_importing_lightning() -> None:
@@ -85,9 +90,52 @@ def test_a_config_error_is_reported_without_importing_lightning() -> None:
         with contextlib.redirect_stderr(err):
             status = main(["train", "experiment=no_such_experiment"])
         assert status == 2 and "no_such_experiment" in err.getvalue(), err.getvalue()
+        """,
+        WITH_TORCH,
+    )
+    assert modules == {}, f"imported (package: first importer): {modules}{STALE}"
+
+
+def test_a_value_hydra_refuses_is_reported_without_importing_lightning() -> None:
+    # Composing imports the chosen components' modules (their config dataclasses), torch with them.
+    modules = imported_after(
+        """
+        import contextlib, io, os
+        from plugformer.cli import main
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            status = main(["train", "model.d_model=wide"])
+        assert status == 2 and "model.d_model=wide" in err.getvalue(), err.getvalue()
+        assert "HYDRA_FULL_ERROR" not in os.environ  # set only while Hydra composes
         """
     )
     assert modules == {}, f"imported (package: first importer): {modules}"
+
+
+def test_train_prints_its_first_line_before_lightning(tmp_path) -> None:
+    # Stops the process at its first line of output, reporting what was imported by then.
+    modules = imported_after(
+        f"""
+        import json, os, sys
+        class FirstLine:
+            def __init__(self, real):
+                self.real = real
+            def write(self, text):
+                if text.strip():
+                    imported = {{m: FIRST.get(m, "?") for m in HEAVY if m in sys.modules}}
+                    self.real.write(text + "\\nMODULES=" + json.dumps(imported) + "\\n")
+                    self.real.flush()
+                    os._exit(0)
+                return self.real.write(text)
+            def __getattr__(self, name):
+                return getattr(self.real, name)
+        sys.stdout = FirstLine(sys.stdout)
+        from plugformer.cli import main
+        main(["train", "debug=fast", "logger=csv", "run_dir={tmp_path / 'run'}"])
+        """,
+        WITH_TORCH,
+    )
+    assert set(modules) <= {"torch"}, f"imported before the first line (package: first importer): {modules}"
 
 
 def test_every_component_is_still_listed_with_its_capabilities() -> None:

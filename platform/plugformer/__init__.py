@@ -42,7 +42,7 @@ _LAZY = {
         "plugformer.components",
     ),
     "hookimpl": "plugformer.hookspecs",
-    **dict.fromkeys(("KINDS", "Component", "Provider", "Registry", "RegistryView"), "plugformer.registry"),
+    **dict.fromkeys(("KINDS", "Component", "LazyComponent", "Provider", "Registry", "RegistryView"), "plugformer.registry"),
     **dict.fromkeys(("ReversibleBlock", "run_reversible"), "plugformer.reversible"),
     "TechniqueContext": "plugformer.techniques",
 }
@@ -82,7 +82,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
     from plugformer.hookspecs import hookimpl
     from plugformer.masks import allowed_keys, no_key_fallback
     from plugformer.parameters import keep_initialization, set_weight_decay
-    from plugformer.registry import KINDS, Component, Provider, Registry, RegistryView
+    from plugformer.registry import KINDS, Component, LazyComponent, Provider, Registry, RegistryView
     from plugformer.reversible import ReversibleBlock, run_reversible
     from plugformer.techniques import TechniqueContext
 
@@ -108,6 +108,7 @@ __all__ = [
     "FeedForward",
     "KVCache",
     "LayerState",
+    "LazyComponent",
     "LoadedRun",
     "ModelInputs",
     "Objective",

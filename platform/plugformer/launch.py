@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from plugformer.config import store_core_configs
 from plugformer.errors import PlugformerError, full_tracebacks_requested, report_user_error
-from plugformer.overrides import check_composes, check_group_choices
+from plugformer.overrides import check_group_choices, composition_errors_raised
 from plugformer.plugins import Plugins, load_plugins
 from plugformer.resume import check_run_directory, plan_run, write_run_id
 from plugformer.runlock import check_free, locked
@@ -81,16 +81,18 @@ def launch_training(overrides: list[str]) -> int:
     reasons (:mod:`plugformer.study`). With ``optimized_metric`` set, each job returns that
     metric's best value (NaN when it failed) for search sweepers such as Optuna.
     """
-    plugins = load_plugins()
+    plugins = load_plugins()  # lazy components: their modules load when the config chooses them
     store_core_configs()
     check_group_choices(overrides)  # a typo in experiment= or debug= must not train the default
-    check_composes(overrides)  # Hydra's refusals as one plugformer error (exit 2)
     original_argv = list(sys.argv)
     rejected: list[str] = []
     sweep: dict[str, Any] = {}
+    # Hydra composes once; its refusals end as one plugformer error (exit 2), raised here.
+    composing = composition_errors_raised(overrides)
 
     @hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="train")
     def hydra_task(cfg: DictConfig) -> float | None:
+        composed()
         sys.argv = original_argv
         hydra_cfg = HydraConfig.get()
         metric = cfg.get("optimized_metric")
@@ -113,7 +115,7 @@ def launch_training(overrides: list[str]) -> int:
 
     sys.argv = [original_argv[0], *_with_shared_run_dir(_with_resume_dir(with_sweep_root(overrides)))]
     try:
-        with locked(_known_run_dir(overrides)):
+        with locked(_known_run_dir(overrides)), composing as composed:
             hydra_task()
     finally:
         sys.argv = original_argv

@@ -6,10 +6,10 @@ import json
 from typing import Any
 
 from plugformer.plugins import load_plugins
-from plugformer.registry import Component
+from plugformer.registry import Component, LazyComponent
 
 
-def component_record(component: Component) -> dict[str, Any]:
+def component_record(component: Component | LazyComponent) -> dict[str, Any]:
     return {
         "kind": component.kind,
         "name": component.name,
@@ -24,8 +24,9 @@ def component_record(component: Component) -> dict[str, Any]:
 
 
 def print_plugins(*, as_json: bool = False) -> None:
-    plugins = load_plugins(store_configs=False)  # a listing needs no config groups (nor Hydra)
-    records = [component_record(c) for c in plugins.registry.components()]
+    # A listing needs no config groups (nor Hydra), and leaves lazy components unloaded (no torch).
+    plugins = load_plugins(store_configs=False)
+    records = [component_record(c) for c in plugins.registry.entries()]
     if as_json:
         print(json.dumps(records, indent=2))
         return
@@ -35,7 +36,7 @@ def print_plugins(*, as_json: bool = False) -> None:
     table = Table(title="plugformer components", show_lines=False)
     for column in ("kind", "name", "provider", "summary", "capabilities"):
         table.add_column(column, overflow="fold")
-    for component in plugins.registry.components():
+    for component in plugins.registry.entries():
         table.add_row(
             component.kind,
             component.name,

@@ -9,7 +9,9 @@ typo ends with one message that lists the choices.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
@@ -22,6 +24,7 @@ from plugformer.registry import CONFIG_GROUPS
 
 CONFIG_MODULE = "plugformer.conf"
 COMPONENT_GROUPS = set(CONFIG_GROUPS.values())
+FULL_ERROR = "HYDRA_FULL_ERROR"
 
 
 def _option_names(override: Override) -> list[str]:
@@ -86,21 +89,57 @@ def check_composes(overrides: Iterable[str]) -> None:
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
             compose(config_name="train", overrides=candidates)
-    except OverrideParseException as error:
-        raise ConfigError(
+    except (OverrideParseException, ConfigCompositionException) as error:
+        raise composition_error(error) from None
+
+
+def composition_error(error: OverrideParseException | ConfigCompositionException) -> ConfigError:
+    """Hydra's refusal to compose, as one :class:`ConfigError`."""
+    if isinstance(error, OverrideParseException):
+        return ConfigError(
             f"{_first_line(error)}: {' '.join(str(error).split(chr(10))[1:2]).strip()}",
             expected="overrides of the form key=value, group=option, +key=value or ~key",
             fix="quote values with spaces or brackets, e.g. 'tags=[a,b]'",
-        ) from None
-    except ConfigCompositionException as error:
-        detail = _first_line(error.__cause__)
-        message = _first_line(error).rstrip(".")
-        unknown_key = message.startswith("Could not override")
-        raise ConfigError(
-            f"{message}{': ' + detail if detail else ''}",
-            expected="an existing key" if unknown_key else "a value of the option's type",
-            fix="check the spelling (`plugformer train --cfg job` prints the composed config; `plugformer plugins` "
-            "lists the components), or add a new key with +key=value"
-            if unknown_key
-            else "correct the value; `plugformer train --cfg job` prints every option with its current value",
-        ) from None
+        )
+    detail = _first_line(error.__cause__)
+    message = _first_line(error).rstrip(".")
+    unknown_key = message.startswith("Could not override")
+    return ConfigError(
+        f"{message}{': ' + detail if detail else ''}",
+        expected="an existing key" if unknown_key else "a value of the option's type",
+        fix="check the spelling (`plugformer train --cfg job` prints the composed config; `plugformer plugins` "
+        "lists the components), or add a new key with +key=value"
+        if unknown_key
+        else "correct the value; `plugformer train --cfg job` prints every option with its current value",
+    )
+
+
+@contextmanager
+def composition_errors_raised(overrides: Iterable[str]) -> Iterator[Callable[[], None]]:
+    """Around ``hydra.main``: the config is composed once, by Hydra, and a refusal to compose
+    it ends as one :class:`ConfigError`, as :func:`check_composes` reports it, without a
+    composition beforehand. Yields ``composed``, which the task calls first: from then on
+    Hydra reports errors its own way again.
+
+    Hydra prints an exception and exits unless ``HYDRA_FULL_ERROR=1``, so that variable is set
+    until ``composed()``. Only for a single run without Hydra's flags (-m, --cfg, ...), whose
+    errors Hydra keeps reporting; and when the user asked for full tracebacks (the variable
+    already set), Hydra's exception passes unchanged."""
+    flags = any(o.startswith("-") for o in overrides)
+    user_asked = os.environ.get(FULL_ERROR) == "1"
+    active = not flags and not user_asked
+
+    def composed() -> None:
+        if active:
+            os.environ.pop(FULL_ERROR, None)
+
+    if active:
+        os.environ[FULL_ERROR] = "1"
+    try:
+        yield composed
+    except (OverrideParseException, ConfigCompositionException) as error:
+        if not active:
+            raise
+        raise composition_error(error) from None
+    finally:
+        composed()

@@ -19,7 +19,7 @@ import pluggy
 
 from plugformer import hookspecs
 from plugformer.errors import PlugformerError, PluginError
-from plugformer.registry import Provider, Registry
+from plugformer.registry import Component, Provider, Registry
 
 ENTRY_POINT_GROUP = "plugformer"
 ALLOW_ENV = "PLUGFORMER_PLUGINS"
@@ -174,7 +174,8 @@ def blame_component(error: BaseException, registry: Registry) -> PluginError | N
     error already is a user error."""
     if isinstance(error, PlugformerError) or not isinstance(error, Exception):
         return None
-    modules = {c.factory.__module__: c for c in registry.components()}
+    # Only loaded components can have run: a lazy entry's code was never imported.
+    modules = {c.factory.__module__: c for c in registry.entries() if isinstance(c, Component)}
     frames = []
     tb = error.__traceback__
     while tb is not None:

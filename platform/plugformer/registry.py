@@ -4,11 +4,16 @@ technique that installed plugins register, with its config, capabilities and pro
 Registering a component also stores its config dataclass in Hydra's ConfigStore under the
 component's group, so ``model/attention=local model.attention.window=64`` is composed and
 type-checked by Hydra with no YAML.
+
+A plugin may announce a component by its listing data only (:class:`LazyComponent`): its
+module, and with it torch, is imported the first time the component is looked up, built or
+composed, so ``plugformer plugins`` and a config error start without importing it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -92,6 +97,39 @@ class Component:
         return f"{self.kind}:{self.name}"
 
 
+@dataclass(frozen=True)
+class LazyComponent:
+    """A component announced by its listing data, loaded only when it is needed.
+
+    ``load()`` returns the :class:`Component` (importing its module); the registry calls it the
+    first time the component is looked up (:meth:`Registry.get`, :meth:`Registry.components`),
+    which building a model or composing a config that chooses it does. Until then
+    ``plugformer plugins`` shows ``summary``, ``reference`` and ``capabilities`` (those under the
+    default config) as given here. The loaded component must have the same kind and name; its
+    provider is the plugin that added the lazy entry.
+    """
+
+    kind: str
+    name: str
+    load: Callable[[], Component]
+    summary: str
+    reference: str = ""
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    provider: Provider = UNKNOWN_PROVIDER
+
+    def capabilities_for(self) -> Capabilities:
+        """The capabilities under the default config, as announced."""
+        return self.capabilities
+
+    @property
+    def group(self) -> str:
+        return CONFIG_GROUPS[self.kind]
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+
 #: The field plugformer adds to every component's config node: the chosen component's name
 #: (``model.attention.name``). A config dataclass must not define it.
 NAME_FIELD = "name"
@@ -138,7 +176,7 @@ class Registry:
         """``store_configs=False``: keep the components only, without Hydra's ConfigStore (for
         listings such as ``plugformer plugins``, which need no config groups and start faster
         without importing Hydra)."""
-        self._components: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
+        self._components: dict[str, dict[str, Component | LazyComponent]] = {kind: {} for kind in KINDS}
         self._provider = UNKNOWN_PROVIDER
         if config_store is None and store_configs:
             from hydra.core.config_store import ConfigStore
@@ -176,8 +214,9 @@ class Registry:
         finally:
             self._provider = previous
 
-    def add(self, component: Component) -> Component:
-        """Register ``component``; its provider is the plugin being loaded.
+    def add(self, component: Component | LazyComponent) -> Component | LazyComponent:
+        """Register ``component``; its provider is the plugin being loaded. A
+        :class:`LazyComponent` is loaded when first looked up (its config node too).
 
         Raises :class:`PluginError` for an unknown kind or a name already taken.
         """
@@ -199,31 +238,71 @@ class Registry:
                 fix=f"disable one of them: PLUGFORMER_DISABLE_PLUGINS={component.provider.plugin} "
                 f"(or {taken.provider.plugin}), or uninstall {component.provider.distribution}",
             )
-        node = config_node(component)  # refuses a bad config before anything is stored
+        # A bad config is refused before anything is stored (a lazy one when it is loaded).
+        node = config_node(component) if isinstance(component, Component) else None
         self._components[component.kind][component.name] = component
         if self._config_store is None:
             return component
         package = f"techniques.{component.name}" if component.kind == "technique" else None
-        self._config_store.store(group=component.group, name=component.name, node=node, package=package)
-        if component.kind == "attention":
-            self._config_store.store(group=CROSS_ATTENTION_GROUP, name=component.name, node=node)
+        groups = [component.group, *([CROSS_ATTENTION_GROUP] if component.kind == "attention" else [])]
+        for group in groups:
+            if node is not None:
+                self._config_store.store(group=group, name=component.name, node=node, package=package if group == component.group else None)
+            else:
+                _store_lazy_node(self._config_store, self, component, group, package if group == component.group else None)
         return component
 
     def get(self, kind: str, name: str) -> Component:
-        """The component ``name`` of ``kind``; an :class:`UnknownComponentError` lists the others."""
+        """The component ``name`` of ``kind`` (loading it if it was added lazily); an
+        :class:`UnknownComponentError` lists the others."""
         try:
-            return self._components[kind][name]
+            entry = self._components[kind][name]
         except KeyError:
             raise UnknownComponentError(
                 f"No {kind} component named {name!r} is installed.",
                 expected=f"one of: {', '.join(self.names(kind)) or '(none registered)'}",
                 fix=f"choose one with {CONFIG_GROUPS.get(kind, kind)}=<name>; `plugformer plugins` lists them all",
             ) from None
+        return entry if isinstance(entry, Component) else self._load(entry)
+
+    def _load(self, entry: LazyComponent) -> Component:
+        """Load a lazy entry once, replacing it with the component it returns."""
+        provider = entry.provider
+        disable = f"disable it with PLUGFORMER_DISABLE_PLUGINS={provider.plugin}, or repair or uninstall {provider.distribution}"
+        try:
+            with self.providing(provider):
+                loaded = entry.load()
+        except PluginError:
+            raise
+        except Exception as error:  # noqa: BLE001 - whatever a plugin's module raises is the plugin's
+            raise PluginError(
+                f"Plugin {provider.plugin!r} ({provider}) failed to load its component {entry.qualified_name}: "
+                f"{type(error).__name__}: {error}",
+                expected="the component's module to import cleanly",
+                fix=disable,
+            ) from error
+        if not isinstance(loaded, Component) or (loaded.kind, loaded.name) != (entry.kind, entry.name):
+            what = loaded.qualified_name if isinstance(loaded, Component) else f"a {type(loaded).__name__}"
+            raise PluginError(
+                f"Plugin {provider.plugin!r} ({provider}) announced {entry.qualified_name}, but loading it gave {what}.",
+                expected=f"a Component of kind {entry.kind!r} named {entry.name!r}",
+                fix=disable,
+            )
+        component = dataclasses.replace(loaded, provider=provider)
+        config_node(component)  # the check an eager component gets when it is added
+        self._components[entry.kind][entry.name] = component
+        return component
 
     def names(self, kind: str) -> list[str]:
         return sorted(self._components.get(kind, {}))
 
     def components(self, kind: str | None = None) -> list[Component]:
+        """Every component (of ``kind``), sorted by kind and name; lazy ones are loaded."""
+        kinds = [kind] if kind else list(KINDS)
+        return [self.get(k, n) for k in kinds for n in sorted(self._components[k])]
+
+    def entries(self, kind: str | None = None) -> list[Component | LazyComponent]:
+        """Like :meth:`components`, but lazy entries stay unloaded: what a listing shows."""
         kinds = [kind] if kind else list(KINDS)
         return [self._components[k][n] for k in kinds for n in sorted(self._components[k])]
 
@@ -252,8 +331,9 @@ class RegistryView:
         self._registry = registry
         self.provider = provider
 
-    def add(self, component: Component) -> Component:
-        """Register ``component`` (see :meth:`Registry.add`); its provider is this plugin."""
+    def add(self, component: Component | LazyComponent) -> Component | LazyComponent:
+        """Register ``component`` (see :meth:`Registry.add`); its provider is this plugin. A
+        :class:`LazyComponent` is loaded only when the component is first needed."""
         with self._registry.providing(self.provider):
             return self._registry.add(component)
 
@@ -298,3 +378,45 @@ class RegistryView:
             "what depends on other components in registry.after_loading(callback); or disable the plugin with "
             f"PLUGFORMER_DISABLE_PLUGINS={self.provider.plugin}",
         )
+
+
+def _store_lazy_node(store: ConfigStore, registry: Registry, entry: LazyComponent, group: str, package: str | None) -> None:
+    """Put a node in Hydra's ConfigStore whose config is made when Hydra first loads it (when
+    a composition chooses the component), so the store lists every option without loading any.
+
+    Relies on Hydra 1.3's ConfigStore layout (``repo`` holds ``ConfigNode`` objects by group
+    and file name, ``load`` copies the node it returns); tests/test_lazy_components.py checks
+    that composing through such a node gives the same config as an eager one."""
+    from omegaconf import OmegaConf
+
+    made: list[Any] = []  # shared by the copies Hydra makes of the node
+
+    def node() -> Any:
+        if not made:
+            made.append(OmegaConf.structured(config_node(registry.get(entry.kind, entry.name))))
+        return made[0]
+
+    folder = store.repo
+    for part in group.split("/"):
+        folder = folder.setdefault(part, {})
+    folder[f"{entry.name}.yaml"] = _lazy_config_node_class()(name=f"{entry.name}.yaml", group=group, package=package, make=node)
+
+
+@functools.cache
+def _lazy_config_node_class() -> type:
+    """The ConfigNode subclass, made on first use so that this module does not import Hydra."""
+    from hydra.core.config_store import ConfigNode
+
+    class LazyConfigNode(ConfigNode):
+        """A ConfigNode whose ``node`` is made on first access."""
+
+        def __init__(self, *, name: str, group: str, package: str | None, make: Callable[[], Any]) -> None:
+            self.name, self.group, self.package, self.provider = name, group, package, None
+            self._make = make
+
+        def __getattr__(self, attribute: str) -> Any:
+            if attribute == "node":
+                return self._make()
+            raise AttributeError(attribute)
+
+    return LazyConfigNode

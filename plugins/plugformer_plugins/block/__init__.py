@@ -1,10 +1,14 @@
-"""Built-in block components: how a layer wires attention, cross-attention and feed-forward."""
+"""Built-in block components: how a layer wires attention, cross-attention and feed-forward.
+
+Every module of this package that defines ``COMPONENT`` is registered, lazily from the
+manifest (:mod:`plugformer_plugins.manifest`)."""
 
 from plugformer import RegistryView, hookimpl
-from plugformer_plugins.block import deepnorm, parallel, reversible, standard
+from plugformer_plugins import manifest
+
+TARGETS = manifest.modules_of(__name__, __path__)
 
 
 @hookimpl
 def register_components(registry: RegistryView) -> None:
-    for module in (standard, parallel, deepnorm, reversible):
-        registry.add(module.COMPONENT)
+    manifest.register(registry, TARGETS)

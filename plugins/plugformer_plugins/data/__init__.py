@@ -1,10 +1,12 @@
 """Built-in data tasks."""
 
 from plugformer import RegistryView, hookimpl
-from plugformer_plugins.data import algorithmic, listops, mqar, pairs, text
+from plugformer_plugins import manifest
+
+#: Registered lazily from the manifest (:mod:`plugformer_plugins.manifest`).
+TARGETS = tuple(f"{__name__}.{module}:COMPONENT" for module in ("mqar", "listops", "text", "algorithmic", "pairs"))
 
 
 @hookimpl
 def register_components(registry: RegistryView) -> None:
-    for module in (mqar, listops, text, algorithmic, pairs):
-        registry.add(module.COMPONENT)
+    manifest.register(registry, TARGETS)

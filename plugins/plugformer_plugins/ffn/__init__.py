@@ -3,14 +3,16 @@
 from typing import Any
 
 from plugformer import RegistryView, hookimpl
-from plugformer_plugins.ffn import glu, mlp, moe
+from plugformer_plugins import manifest
+
+#: Registered lazily from the manifest (:mod:`plugformer_plugins.manifest`); the moe's
+#: ``make_component(registry)`` builds its experts from any ffn of the registry.
+TARGETS = (f"{__name__}.mlp:COMPONENT", f"{__name__}.glu:COMPONENT", f"{__name__}.moe:make_component")
 
 
 @hookimpl
 def register_components(registry: RegistryView) -> None:
-    for module in (mlp, glu):
-        registry.add(module.COMPONENT)
-    registry.add(moe.make_component(registry))  # its experts are any ffn of this registry
+    manifest.register(registry, TARGETS)
 
 
 @hookimpl

@@ -1,10 +1,12 @@
 """Built-in norm components."""
 
 from plugformer import RegistryView, hookimpl
-from plugformer_plugins.norm import layernorm, rmsnorm, scalenorm
+from plugformer_plugins import manifest
+
+#: Registered lazily from the manifest (:mod:`plugformer_plugins.manifest`).
+TARGETS = tuple(f"{__name__}.{module}:COMPONENT" for module in ("layernorm", "rmsnorm", "scalenorm"))
 
 
 @hookimpl
 def register_components(registry: RegistryView) -> None:
-    for module in (layernorm, rmsnorm, scalenorm):
-        registry.add(module.COMPONENT)
+    manifest.register(registry, TARGETS)

@@ -3,13 +3,17 @@
 from typing import Any
 
 from plugformer import RegistryView, hookimpl
-from plugformer_plugins.objective import causal_lm, classification, masked_lm, seq2seq, span_corruption
+from plugformer_plugins import manifest
+
+#: Registered lazily from the manifest (:mod:`plugformer_plugins.manifest`).
+TARGETS = tuple(
+    f"{__name__}.{module}:COMPONENT" for module in ("causal_lm", "classification", "masked_lm", "seq2seq", "span_corruption")
+)
 
 
 @hookimpl
 def register_components(registry: RegistryView) -> None:
-    for module in (causal_lm, classification, masked_lm, seq2seq, span_corruption):
-        registry.add(module.COMPONENT)
+    manifest.register(registry, TARGETS)
 
 
 @hookimpl

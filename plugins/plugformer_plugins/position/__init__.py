@@ -1,11 +1,15 @@
 """Built-in position components."""
 
 from plugformer import RegistryView, hookimpl
-from plugformer_plugins.position import absolute, alibi, rope, shaw, t5, xl_relative
+from plugformer_plugins import manifest
+
+#: Registered lazily from the manifest (:mod:`plugformer_plugins.manifest`).
+TARGETS = (
+    *(f"{__name__}.absolute:{name}" for name in ("NONE", "SINUSOIDAL", "LEARNED")),
+    *(f"{__name__}.{module}:COMPONENT" for module in ("rope", "alibi", "shaw", "t5", "xl_relative")),
+)
 
 
 @hookimpl
 def register_components(registry: RegistryView) -> None:
-    for component in (absolute.NONE, absolute.SINUSOIDAL, absolute.LEARNED, rope.COMPONENT, alibi.COMPONENT, shaw.COMPONENT, t5.COMPONENT,
-                      xl_relative.COMPONENT):
-        registry.add(component)
+    manifest.register(registry, TARGETS)

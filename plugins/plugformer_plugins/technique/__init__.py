@@ -15,12 +15,15 @@ from typing import Any
 from plugformer import hookimpl
 
 
+#: Registered lazily from the manifest (:mod:`plugformer_plugins.manifest`).
+TARGETS = tuple(f"{__name__}.{module}:COMPONENT" for module in ("distill", "prune", "quantize", "share"))
+
+
 @hookimpl
 def register_components(registry: Any) -> None:
-    from plugformer_plugins.technique import distill, prune, quantize, share
+    from plugformer_plugins import manifest
 
-    for module in (distill, prune, quantize, share):
-        registry.add(module.COMPONENT)
+    manifest.register(registry, TARGETS)
 
 
 @hookimpl
