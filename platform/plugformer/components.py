@@ -160,9 +160,10 @@ class ModelInputs:
 
     ``input_ids``/``attention_mask``/``positions`` feed the only stack, or the encoder of an
     encoder–decoder, whose decoder gets the ``decoder_*`` ones. ``extras`` are further
-    per-token inputs (global-token masks, retrieved neighbours) handed to every attention as
-    ``extras=``. ``reset`` (batch,) bool marks rows whose carried state starts afresh (a new
-    document in a stream).
+    inputs by name, handed to every block and attention as ``extras=``: per-token tensors
+    (batch, length) such as global-token masks, or per-chunk ones (batch, chunks, ...) such
+    as RETRO's retrieved neighbours; a layer ignores the keys it does not know. ``reset``
+    (batch,) bool marks rows whose carried state starts afresh (a new document in a stream).
     """
 
     input_ids: Tensor
@@ -218,10 +219,13 @@ class Objective(nn.Module):
         return generator
 
     def model_inputs(self, batch: dict[str, Tensor]) -> ModelInputs:
-        """The model's inputs from a batch; by default ``input_ids``, ``attention_mask`` and,
-        from a streaming task, ``reset`` (rows that start a new document)."""
+        """The model's inputs from a batch; by default ``input_ids``, ``attention_mask``,
+        from a streaming task ``reset`` (rows that start a new document), and the batch's
+        ``extras`` (a dict of tensors a data task adds for the layers that read them, such
+        as retrieved neighbours), passed on unchanged."""
         return ModelInputs(
-            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), reset=batch.get("reset")
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), reset=batch.get("reset"),
+            extras=dict(batch.get("extras") or {}),  # type: ignore[call-overload]
         )
 
     def logits(self, hidden: Tensor) -> Tensor:

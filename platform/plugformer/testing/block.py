@@ -138,16 +138,30 @@ class _BlockChecks:
         self.context = randn(sizes.batch, context_length, sizes.d_model, seed=101, dtype=subject.dtype) if cross else None
         self.context_mask = padding_mask(sizes.batch, context_length) if cross else None
 
-    def inputs(self, mask: Tensor | None, positions: Tensor | None = None, context: Tensor | None = None) -> StepInputs:
+    def inputs(
+        self, mask: Tensor | None, positions: Tensor | None = None, context: Tensor | None = None,
+        extras: dict[str, Tensor] | None = None,
+    ) -> StepInputs:
         return StepInputs(
             mask=mask,
             positions=self.positions if positions is None else positions,
             context=self.context if context is None else context,
             context_mask=self.context_mask,
+            extras=extras or {},
         )
 
+    def extras(self, block: nn.Module, rows: slice | None = None) -> dict[str, Tensor]:
+        """The block's own ``kit_extras(batch, length)`` (inputs a block reads from the batch
+        extras, such as retrieved neighbours), in the subject's dtype, or none."""
+        make = getattr(block, "kit_extras", None)
+        if make is None:
+            return {}
+        extras = make(self.sizes.batch, self.length)
+        extras = {k: v.to(self.subject.dtype) if v.is_floating_point() else v for k, v in extras.items()}
+        return {k: v[rows] for k, v in extras.items()} if rows is not None else extras
+
     def call(self, block: nn.Module, x: Tensor, mask: Tensor | None, context: Tensor | None = None) -> Tensor:
-        return block(x, self.inputs(mask, context=context))
+        return block(x, self.inputs(mask, context=context, extras=self.extras(block)))
 
     def run(self) -> None:
         self.shape_and_dtype()
@@ -227,6 +241,7 @@ class _BlockChecks:
                         positions=self.positions,
                         context=self.context[rows] if self.context is not None else None,
                         context_mask=self.context_mask[rows] if self.context_mask is not None else None,
+                        extras=self.extras(block, rows),
                     )
                     alone = block(self.x[rows], inputs)
                     assert_close(s, alone[0], together[i], f"example {i} alone should give the same output as in the batch")
@@ -272,7 +287,8 @@ class _BlockChecks:
             if not isinstance(state, LayerState):
                 s.fail(f"new_state(batch) returned a {type(state).__name__}, not a plugformer.LayerState")
             with torch.no_grad():
-                expected = self.call(block, self.x, None)
+                # Without kit_extras: they describe whole sequences, not one decoding step.
+                expected = block(self.x, self.inputs(None))
                 got = decode(step, block, self.x, chunks=[1] * self.length, mask=None, positions=self.positions, state=state)
             assert_close(
                 s,

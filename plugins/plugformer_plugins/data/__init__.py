@@ -4,7 +4,7 @@ from plugformer import RegistryView, hookimpl
 from plugformer_plugins import manifest
 
 #: Registered lazily from the manifest (:mod:`plugformer_plugins.manifest`).
-TARGETS = tuple(f"{__name__}.{module}:COMPONENT" for module in ("mqar", "listops", "text", "algorithmic", "pairs"))
+TARGETS = tuple(f"{__name__}.{module}:COMPONENT" for module in ("mqar", "listops", "text", "algorithmic", "pairs", "retro_text"))
 
 
 @hookimpl
