@@ -10,6 +10,7 @@ real tokens; ``positions`` is a LongTensor (batch or 1, length) of absolute toke
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,9 +316,16 @@ def batch_token_count(objective: Objective, batch: dict[str, Tensor]) -> Tensor 
     """The objective's token count of a batch, as :meth:`Objective.count_tokens` gives it, or
     from :meth:`Objective.tokens_in` when the objective overrides that one below (an
     objective written before ``count_tokens`` existed)."""
-    for cls in type(objective).__mro__:
-        if "count_tokens" in vars(cls):
-            return objective.count_tokens(batch)
-        if "tokens_in" in vars(cls):
-            return objective.tokens_in(batch)
+    if _counts_with_tokens_in(type(objective)):
+        return objective.tokens_in(batch)
     return objective.count_tokens(batch)
+
+
+@functools.cache
+def _counts_with_tokens_in(cls: type) -> bool:
+    for klass in cls.__mro__:
+        if "count_tokens" in vars(klass):
+            return False
+        if "tokens_in" in vars(klass):
+            return True
+    return False

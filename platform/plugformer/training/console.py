@@ -340,14 +340,14 @@ def closing_block(
 
 
 def checkpoint_paths(trainer: Any) -> dict[str, str]:
-    """The best and last checkpoint files of a run that exist."""
+    """The best and last checkpoints of a run that exist (files, or directories: sharded)."""
     found: dict[str, str] = {}
     for callback in getattr(trainer, "checkpoint_callbacks", None) or []:
         best = getattr(callback, "best_model_path", "")
         last = getattr(callback, "last_model_path", "")
-        if best and Path(best).is_file():
+        if best and Path(best).exists():
             found.setdefault("checkpoint", best)
-        if last and Path(last).is_file():
+        if last and Path(last).exists():
             found.setdefault("last ckpt", last)
     return found
 
