@@ -63,7 +63,7 @@ class _ShownMetrics:
 
     A mixin: ``class Bar(_ShownMetrics, LightningProgressBar)``."""
 
-    update_interval_s: float = 0.1
+    update_interval_s: float = 0.5
 
     def __init__(self, *args: Any, update_interval_s: float | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

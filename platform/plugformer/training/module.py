@@ -77,6 +77,7 @@ class TrainingModule(pl.LightningModule):
         self._states: dict[str, ModelState | None] = {}
         self._step_metrics: tuple[dict[str, Tensor], int] = ({}, 0)  # the last training step's, see log_step_metrics
         self._gradient_norm: tuple[Any, list[Tensor], Tensor] | None = None  # see note_gradient_norm
+        self._attentions: list[Attention] | None = None  # see _attentions_with_losses
         # A plain dict, so these modules are not submodules: out of state_dict and parameters().
         self.frozen: dict[str, nn.Module] = dict(frozen or {})
         if auxiliary:
@@ -118,8 +119,14 @@ class TrainingModule(pl.LightningModule):
 
     def _attentions_with_losses(self) -> list[Attention]:
         """The model's attentions that report auxiliary losses (an ``aux_losses()`` method,
-        as on a feed-forward layer: terms of their last forward pass, already weighted)."""
-        return [m for m in self.model.modules() if isinstance(m, Attention) and callable(getattr(m, "aux_losses", None))]
+        as on a feed-forward layer: terms of their last forward pass, already weighted).
+        Found once per epoch of each stage (walking every module at every step cost more than
+        the rest of the loss terms), so a model changed between epochs is seen."""
+        if self._attentions is None:
+            self._attentions = [
+                m for m in self.model.modules() if isinstance(m, Attention) and callable(getattr(m, "aux_losses", None))
+            ]
+        return self._attentions
 
     def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         objective = self.model.objective
@@ -202,12 +209,15 @@ class TrainingModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._states.pop("train", None)
+        self._attentions = None
 
     def on_validation_epoch_start(self) -> None:
         self._states.pop("val", None)
+        self._attentions = None
 
     def on_test_epoch_start(self) -> None:
         self._states.pop("test", None)
+        self._attentions = None
 
     def configure_optimizers(self) -> dict[str, Any]:
         auxiliary = getattr(self, "auxiliary", None)

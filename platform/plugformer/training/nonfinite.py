@@ -160,7 +160,11 @@ class NonFiniteGuard(pl.Callback):
             else:
                 self._consecutive = 0
             return
-        marker = torch.where(bad, torch.tensor(step, device=bad.device), torch.tensor(-1, device=bad.device))
+        if self.options.check_every_n_steps == 1:  # checked at every step: no marker to keep
+            if bool(bad):
+                raise self._error(trainer, step, norm, bool(loss_bad))
+            return
+        marker = torch.where(bad, step, -1)
         if self._first_bad_step is None:
             self._first_bad_step = marker
         else:
