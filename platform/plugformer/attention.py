@@ -167,6 +167,152 @@ def recomputed_chunks(
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
+class ChunkSource:
+    """A tensor that chunked code reads piece by piece (:meth:`narrow`, :meth:`take`), whose
+    gradient the pieces accumulate in place into one buffer of the tensor's size.
+
+    Slicing a tensor that requires grad (``x[..., a:b, :]``, ``x.narrow``, ``x[:, :, index]``)
+    makes autograd build a zero tensor of ``x``'s full size in the backward pass of every
+    slice and add it to ``x``'s gradient: with many chunks, each chunk's backward briefly
+    holds one more full-size tensor per sliced input and spends O(n) time on it. Pieces taken
+    through a ChunkSource instead add their gradient straight into the right rows of a single
+    buffer, which becomes ``x``'s gradient once every piece's backward has run (autograd's
+    dependency count sees to that order). Values and gradients are exactly those of plain
+    slicing. Without autograd (no grad mode, or ``x`` not requiring grad) the pieces are plain
+    views. ``tensor`` is ``x`` (through an identity node when tracked) for whole-tensor use;
+    gradients through it are added to the pieces'. Not twice differentiable.
+    """
+
+    def __init__(self, x: Tensor) -> None:
+        self._buffer: Tensor | None = None
+        self._like = (x.shape, x.dtype, x.device)
+        self.tracked = torch.is_grad_enabled() and x.requires_grad
+        self.tensor: Tensor = _SourceNode.apply(x, self) if self.tracked else x
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._like[1]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._like[0]
+
+    def narrow(self, dim: int, start: int, length: int) -> Tensor:
+        """``x.narrow(dim, start, length)`` (a view)."""
+        if not self.tracked:
+            return self.tensor.narrow(dim, start, length)
+        return _NarrowNode.apply(self.tensor, self, dim, start, length)
+
+    def take(self, dim: int, index: Tensor) -> Tensor:
+        """``x`` indexed along ``dim`` by the long tensor ``index`` of any shape, whose
+        dimensions replace ``dim`` (``x[:, :, index]`` for dim=2); repeated indices add up."""
+        if not self.tracked:
+            return _take(self.tensor, dim, index)
+        return _TakeNode.apply(self.tensor, self, dim, index)
+
+    def matmul(self, a: Tensor, *, transpose: bool = False) -> Tensor:
+        """``a @ x`` (``a`` (..., r, n) for ``x`` (..., n, e)), or ``a @ xᵀ`` with ``transpose``
+        (``a`` (..., r, e)), ``a``'s leading dimensions those of ``x``. The gradient for ``x``
+        (a full-size product) is added into the buffer in place (``baddbmm_``), so a chunk that
+        reads the whole tensor (a global query against every key) adds no full-size
+        temporary to the backward pass."""
+        if not self.tracked or a.shape[:-2] != self.tensor.shape[:-2] or self.tensor.dim() < 3:
+            return torch.matmul(a, self.tensor.transpose(-1, -2) if transpose else self.tensor)
+        return _MatmulNode.apply(a, self.tensor, self, transpose)
+
+    def _gradient(self) -> Tensor:
+        """The buffer pieces add into, zero until the first piece's backward."""
+        if self._buffer is None:
+            shape, dtype, device = self._like
+            self._buffer = torch.zeros(shape, dtype=dtype, device=device)
+        return self._buffer
+
+    def _release(self) -> Tensor | None:
+        buffer, self._buffer = self._buffer, None
+        return buffer
+
+
+def _take(x: Tensor, dim: int, index: Tensor) -> Tensor:
+    dim = dim % x.dim()
+    return x.index_select(dim, index.reshape(-1)).unflatten(dim, index.shape)
+
+
+class _SourceNode(torch.autograd.Function):
+    """Identity whose backward hands on the pieces' accumulated gradient (runs after them)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, source: ChunkSource) -> Tensor:  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        ctx.source = source
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None) -> tuple[Tensor | None, None]:  # type: ignore[override]
+        pieces = ctx.source._release()
+        if grad is None:
+            return pieces, None
+        return (grad if pieces is None else pieces.add_(grad)), None
+
+
+class _NarrowNode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, source: ChunkSource, dim: int, start: int, length: int) -> Tensor:  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        ctx.source, ctx.dim, ctx.start, ctx.length = source, dim, start, length
+        return x.narrow(dim, start, length)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None) -> tuple[None, ...]:  # type: ignore[override]
+        if grad is not None:
+            ctx.source._gradient().narrow(ctx.dim, ctx.start, ctx.length).add_(grad)
+        return None, None, None, None, None
+
+
+class _TakeNode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, source: ChunkSource, dim: int, index: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        ctx.source, ctx.dim, ctx.index = source, dim % x.dim(), index
+        return _take(x, dim, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None) -> tuple[None, ...]:  # type: ignore[override]
+        if grad is not None:
+            dim, index = ctx.dim, ctx.index
+            flat = grad.flatten(dim, dim + index.dim() - 1) if index.dim() > 1 else grad
+            if index.dim() == 0:
+                flat = grad.unsqueeze(dim)
+            ctx.source._gradient().index_add_(dim, index.reshape(-1), flat.to(ctx.source._like[1]))
+        return None, None, None, None
+
+
+class _MatmulNode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a: Tensor, x: Tensor, source: ChunkSource, transpose: bool) -> Tensor:  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(a, x)
+        ctx.source, ctx.transpose = source, transpose
+        return torch.matmul(a, x.transpose(-1, -2) if transpose else x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
+        if grad is None:
+            return None, None, None, None
+        a, x = ctx.saved_tensors
+        grad_a = torch.matmul(grad, x if ctx.transpose else x.transpose(-1, -2)) if ctx.needs_input_grad[0] else None
+        buffer = ctx.source._gradient()
+        n, e = buffer.shape[-2:]
+        r = grad.shape[-2]
+        flat = buffer.view(-1, n, e)
+        g = grad.to(buffer.dtype).reshape(-1, r, grad.shape[-1])
+        a = a.to(buffer.dtype).reshape(-1, r, a.shape[-1])
+        if ctx.transpose:  # y = a xᵀ: dx = gᵀ a
+            flat.baddbmm_(g.transpose(1, 2), a)
+        else:  # y = a x: dx = aᵀ g
+            flat.baddbmm_(a.transpose(1, 2), g)
+        return grad_a, None, None, None
+
+
 class Attention(nn.Module):
     """Multi-head attention with query, key/value and output projections.
 
@@ -303,14 +449,20 @@ class Attention(nn.Module):
         return self.position is not None and type(self.position).relative_values is not PositionEncoding.relative_values
 
     def explicit_attend(
-        self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, q_positions: Tensor, k_positions: Tensor
+        self, q: Tensor, k: Tensor | ChunkSource, v: Tensor | ChunkSource, allowed: Tensor, q_positions: Tensor,
+        k_positions: Tensor,
     ) -> Tensor:
         """Softmax attention with an explicit score tensor: scores = q·kᵀ/√d + the position's
         terms, keys outside ``allowed`` (broadcastable to the scores) removed, dropout, then
         the position's value term. Queries that see no key return zeros. q/k/v may carry
-        extra dimensions between heads and length (blocks); positions then carry them too."""
+        extra dimensions between heads and length (blocks); positions then carry them too.
+        ``k``/``v`` may be :class:`ChunkSource` s of the whole keys/values (a chunk of queries
+        that sees every key): their gradients then accumulate in place."""
         # In-place steps act on fresh tensors no backward needs, saving copies of the scores.
-        scores = torch.matmul(q * self.scale, k.transpose(-1, -2))
+        if isinstance(k, ChunkSource):
+            scores = k.matmul(q * self.scale, transpose=True)
+        else:
+            scores = torch.matmul(q * self.scale, k.transpose(-1, -2))
         scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
         terms = self.score_terms(q, q_positions, k_positions)
         if terms is not None:
@@ -321,7 +473,7 @@ class Attention(nn.Module):
         weights = torch.softmax(scores, dim=-1).to(v.dtype)
         if self.training and self.dropout > 0:
             weights = F.dropout(weights, p=self.dropout)
-        out = torch.matmul(weights, v)
+        out = v.matmul(weights) if isinstance(v, ChunkSource) else torch.matmul(weights, v)
         values = self.value_terms(weights, q_positions, k_positions)
         if values is not None:
             out = out + values.to(out.dtype)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from plugformer import Attention, AttentionState, BuildContext, Capabilities, Component, ConfigError, bounds
-from plugformer.attention import chunk_count, recomputed_chunks
+from plugformer.attention import ChunkSource, chunk_count, recomputed_chunks
 
 
 @dataclass
@@ -116,52 +116,55 @@ class BigBirdAttention(Attention):
             if key_padding_mask is None
             else key_padding_mask.bool().expand(batch, -1)
         )
+        # One ChunkSource per tensor (padded to whole blocks): every chunk of both parts reads
+        # its pieces and adds its gradient into one buffer, with no full-size temporaries.
+        tail = n_blocks * b - length
+        q, k, v = (_pad(t, -2, tail, 0.0) for t in (q, k, v))
+        valid, positions = _pad(valid, -1, tail, False), _pad(q_positions, -1, tail, 0)
+        sources = tuple(ChunkSource(t) for t in (q, k, v))
         outputs = []
         if g:
             global_rows = min(g * b, length)
             allowed = valid[:, None, None, :]
+            q_src, k_src, v_src = sources
 
             def global_chunk(first: int, last: int) -> Tensor:  # global query rows first..last−1 see every key
-                return self.explicit_attend(q[..., first:last, :], k, v, allowed, q_positions[:, first:last], k_positions)
+                return self.explicit_attend(
+                    q_src.narrow(-2, first, last - first), k_src, v_src, allowed, positions[:, first:last], positions
+                )
 
             step = chunk_count(global_rows, q[..., :1, :1].numel() * k.shape[-2])
             outputs.append(recomputed_chunks(global_chunk, global_rows, step, dim=-2))
         if n_blocks > g:
-            outputs.append(self._attend_sparse(q, k, v, valid, q_positions, n_blocks, g))
+            outputs.append(self._attend_sparse(*sources, valid, positions, n_blocks, g))
         return torch.cat(outputs, dim=-2)[..., :length, :]
 
-    def _attend_sparse(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor, positions: Tensor, n_blocks: int, g: int) -> Tensor:
-        """Rows of the non-global query blocks g..n_blocks−1, (batch, heads, (n_blocks − g)·b, hd)."""
-        b, tail = self.block_size, n_blocks * self.block_size - q.shape[-2]
+    def _attend_sparse(
+        self, q: ChunkSource, k: ChunkSource, v: ChunkSource, valid: Tensor, positions: Tensor, n_blocks: int, g: int
+    ) -> Tensor:
+        """Rows of the non-global query blocks g..n_blocks−1, (batch, heads, (n_blocks − g)·b, hd);
+        q/k/v, ``valid`` and ``positions`` padded to whole blocks."""
+        b = self.block_size
+        valid_blocks, position_blocks = valid.unflatten(-1, (n_blocks, b)), positions.unflatten(-1, (n_blocks, b))  # (batch or 1, nb, b)
 
-        def blocks(x: Tensor, dim: int, fill: float | bool) -> Tensor:  # (..., n, ...) → (..., nb, b, ...)
-            if tail:
-                shape = list(x.shape)
-                shape[dim] = tail
-                x = torch.cat([x, x.new_full(shape, fill)], dim=dim)
-            return x.unflatten(dim, (n_blocks, b))
-
-        k_blocks, v_blocks = blocks(k, -2, 0.0), blocks(v, -2, 0.0)  # (batch, heads, nb, b, hd)
-        valid_blocks, position_blocks = blocks(valid, -1, False), blocks(positions, -1, 0)  # (batch or 1, nb, b)
-
-        queries = torch.arange(g, n_blocks, device=q.device)
-        window = queries[:, None] + torch.arange(-self.half_window, self.half_window + 1, device=q.device)
+        queries = torch.arange(g, n_blocks, device=valid.device)
+        window = queries[:, None] + torch.arange(-self.half_window, self.half_window + 1, device=valid.device)
         window_ok = (window >= g) & (window < n_blocks)  # global blocks are seen through the global part
-        random, random_ok = self._draw(n_blocks, q.device)
+        random, random_ok = self._draw(n_blocks, valid.device)
         index = torch.cat([window.clamp(0, n_blocks - 1), random[g:]], dim=-1)  # (m, w + r)
         slot_ok = torch.cat([window_ok, random_ok[g:]], dim=-1)
         m = n_blocks - g
-
-        slots = torch.cat([torch.ones(m, g, dtype=torch.bool, device=q.device), slot_ok], dim=-1)
-        q_blocks = blocks(q, -2, 0.0)[:, :, g:]  # (batch, heads, m, b, hd)
+        slots = torch.cat([torch.ones(m, g, dtype=torch.bool, device=valid.device), slot_ok], dim=-1)
+        within = torch.arange(b, device=valid.device)
 
         def chunk(first: int, last: int) -> Tensor:
             """Non-global query blocks g + first ≤ c < g + last: (batch, heads, last − first, b, hd)."""
             rows = index[first:last]
+            tokens = (rows[..., None] * b + within).flatten(-2)  # (mc, (w + r)·b) token indices
 
-            def gather(x: Tensor) -> Tensor:  # (batch, heads, nb, b, hd) → (batch, heads, mc, (g + w + r)·b, hd)
-                chosen = x[:, :, rows].flatten(-3, -2)
-                shared = x[:, :, :g].flatten(-3, -2)[:, :, None].expand(-1, -1, last - first, -1, -1)
+            def gather(x: ChunkSource) -> Tensor:  # (batch, heads, N, hd) → (batch, heads, mc, (g + w + r)·b, hd)
+                chosen = x.take(2, tokens)
+                shared = x.narrow(2, 0, g * b)[:, :, None].expand(-1, -1, last - first, -1, -1)
                 return torch.cat([shared, chosen], dim=-2)
 
             def gather_tokens(x: Tensor) -> Tensor:  # (batch or 1, nb, b) → (batch or 1, mc, (g + w + r)·b)
@@ -170,13 +173,14 @@ class BigBirdAttention(Attention):
                 return torch.cat([shared, chosen], dim=-1)
 
             key_ok = gather_tokens(valid_blocks) & slots[first:last].repeat_interleave(b, dim=-1)  # (batch, mc, Lk)
+            q_part = q.narrow(2, (g + first) * b, (last - first) * b).unflatten(2, (last - first, b))
             return self.explicit_attend(
-                q_blocks[:, :, first:last], gather(k_blocks), gather(v_blocks), key_ok[:, None, :, None, :],
+                q_part, gather(k), gather(v), key_ok[:, None, :, None, :],
                 position_blocks[:, g + first : g + last], gather_tokens(position_blocks),
             )
 
         # A few query blocks at a time, recomputed in backward: no gathered keys or scores kept.
-        step = chunk_count(m, q[..., :1, :1].numel() * b * b * slots.shape[-1])
+        step = chunk_count(m, q.shape[0] * q.shape[1] * b * b * slots.shape[-1])
         return recomputed_chunks(chunk, m, step, dim=-3).flatten(-3, -2)
 
     def _draw(self, n_blocks: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -186,6 +190,15 @@ class BigBirdAttention(Attention):
             drawn = self.random_blocks(n_blocks, device)
         self.last_random_blocks = drawn
         return drawn
+
+
+def _pad(x: Tensor, dim: int, tail: int, fill: float | bool | int) -> Tensor:
+    """``x`` with ``tail`` entries of ``fill`` appended along negative ``dim``."""
+    if not tail:
+        return x
+    shape = list(x.shape)
+    shape[dim] = tail
+    return torch.cat([x, x.new_full(shape, fill)], dim=dim)
 
 
 COMPONENT = Component(

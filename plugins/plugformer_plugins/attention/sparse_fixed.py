@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from plugformer import BuildContext, Capabilities, Component, ConfigError, bounds
-from plugformer.attention import chunk_count, recomputed_chunks
+from plugformer.attention import ChunkSource, chunk_count, recomputed_chunks
 from plugformer_plugins.attention.sparse_common import SparseAttention, blocks
 
 
@@ -71,31 +71,34 @@ class FixedSparseAttention(SparseAttention):
     def blockwise(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor, positions: Tensor) -> Tensor:
         l, c = self.stride, self.summary
         n_blocks = q.shape[-2] // l
-        q_blocks, k_blocks, v_blocks = (blocks(t, -2, l) for t in (q, k, v))  # (b, h, nb, l, hd)
+        q_blocks, k_blocks, v_blocks = (ChunkSource(blocks(t, -2, l)) for t in (q, k, v))  # (b, h, nb, l, hd)
         pos_blocks, valid_blocks = blocks(positions, -1, l), blocks(valid, -1, l)  # (P or B, nb, l)
         owner = torch.arange(n_blocks, device=q.device).repeat_interleave(c)
+        sum_valid = valid_blocks[..., l - c :].flatten(-2)[:, None, None, None, :]  # (B, 1, 1, 1, nb·c)
+        pos_sum_all = pos_blocks[..., l - c :].flatten(-2).unsqueeze(-2)  # (P, 1, nb·c)
+        inside = torch.ones(l, l, dtype=torch.bool, device=q.device)
+        inside = inside.tril() if self.causal else inside
 
         def chunk(first: int, last: int) -> Tensor:
             """Query blocks first ≤ a < last: (b, h, last − first, l, hd)."""
-            q_part, pos_part = q_blocks[:, :, first:last], pos_blocks[:, first:last]
+            count = last - first
+            q_part, pos_part = q_blocks.narrow(2, first, count), pos_blocks[:, first:last]
             # Local part: within each block.
-            inside = torch.ones(l, l, dtype=torch.bool, device=q.device)
-            inside = inside.tril() if self.causal else inside
             near_allowed = inside & valid_blocks[:, None, first:last, None, :]  # (B, 1, nc, l, l)
-            near_scores = self.scores(q_part, k_blocks[:, :, first:last], pos_part, pos_part)
+            near_scores = self.scores(q_part, k_blocks.narrow(2, first, count), pos_part, pos_part)
 
             # Summary part: the last c positions of every block, shared by all queries.
-            k_sum, v_sum = (t[..., l - c :, :].flatten(-3, -2).unsqueeze(2) for t in (k_blocks, v_blocks))  # (b, h, 1, nb·c, hd)
-            pos_sum = pos_blocks[..., l - c :].flatten(-2).unsqueeze(-2).expand(-1, last - first, -1)  # (P, nc, nb·c)
+            k_sum, v_sum = (t.narrow(3, l - c, c).flatten(-3, -2).unsqueeze(2) for t in (k_blocks, v_blocks))  # (b, h, 1, nb·c, hd)
+            pos_sum = pos_sum_all.expand(-1, count, -1)  # (P, nc, nb·c)
             a = torch.arange(first, last, device=q.device)[:, None]
             order = (owner[None, :] < a) if self.causal else (owner[None, :] != a)  # (nc, nb·c)
-            far_allowed = order[:, None, :] & valid_blocks[..., l - c :].flatten(-2)[:, None, None, None, :]  # (B, 1, nc, 1, nb·c)
+            far_allowed = order[:, None, :] & sum_valid  # (B, 1, nc, 1, nb·c)
             far_scores = self.scores(q_part, k_sum, pos_part, pos_sum)  # (b, h, nc, l, nb·c)
 
             (near_weights, far_weights), seen = self.joint_softmax(
                 [near_scores, far_scores], [near_allowed, far_allowed], v.dtype
             )
-            out = self.weighted(near_weights, v_blocks[:, :, first:last], pos_part, pos_part)
+            out = self.weighted(near_weights, v_blocks.narrow(2, first, count), pos_part, pos_part)
             out = out + self.weighted(far_weights, v_sum, pos_part, pos_sum)
             return out.masked_fill(~seen, 0.0)
 
