@@ -141,7 +141,12 @@ def test_a_sharded_checkpoint_reads_back_in_one_process(tmp_path: Path) -> None:
         choose_checkpoint(tmp_path, "last")
 
 
-def test_a_checkpoint_directory_is_replaced_in_one_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_a_checkpoint_directory_is_replaced_in_one_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool) -> None:
+    import plugformer.training.checkpointing as checkpointing
+
+    if not exchange:  # systems without RENAME_EXCHANGE
+        monkeypatch.setattr(checkpointing, "_exchange", lambda a, b: False)
     final = tmp_path / "last.ckpt"
     old = temporary_sibling(final)
     old.mkdir()
