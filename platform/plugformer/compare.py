@@ -5,7 +5,8 @@ Reads run directories (``config.yaml``, ``metrics.csv``, ``summary.json`` and, a
 ``plugformer eval``, ``eval.json``), so it works offline, without W&B and on runs that
 failed; with ``--wandb`` it reads the runs of a W&B project instead or as well
 (compare_wandb.py). It prints the table of runs and writes ``comparison.csv``,
-``comparison.md`` and ``comparison.png`` (one curve per run). Runs that repeat a setting
+``comparison.md`` (rendered by compare_table.py) and ``comparison.png`` (one curve per
+run, compare_plots.py). Runs that repeat a setting
 with other seeds, or ``--group-by`` keys, make groups: a table of mean ± std per group
 (compare_groups.py) and per curve a figure of each group's mean with a ±std band
 (compare_curves.py). ``--report`` writes the tables and figures as one HTML or Markdown
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -25,6 +25,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from plugformer.compare_plots import plot_curves, plot_evaluations
+from plugformer.compare_table import format_value, print_table, write_csv, write_markdown
 from plugformer.errors import PlugformerError
 
 # The names training.run writes; repeated here so that comparing runs does not import
@@ -45,7 +47,6 @@ SUMMARY_COLUMNS = ("params", "wall_time_s", "tokens_per_second")
 #: The per-run report's columns (summary.json ``extra``; docs/compression.md), shown when a
 #: run has them.
 REPORT_COLUMNS = ("report/params", "report/nonzero_params", "report/model_bytes", "report/cpu_latency_per_token_s")
-MISSING = "-"
 
 
 class CompareError(PlugformerError):
@@ -366,21 +367,6 @@ def differing_columns(row: dict[str, Any]) -> list[str]:
     return columns[2:first_metric]
 
 
-def format_value(value: Any) -> str:
-    """A cell for people: floats to 4 significant digits, large integers grouped."""
-    if value is None:
-        return MISSING
-    if isinstance(value, (bool, str)):
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}" if abs(value) >= 10_000 else str(value)
-    if isinstance(value, float):
-        if math.isnan(value) or math.isinf(value):
-            return str(value)
-        return str(int(value)) if value.is_integer() and abs(value) < 1e6 else f"{value:.4g}"
-    return str(value)
-
-
 def run_label(row: dict[str, Any]) -> str:
     """A legend label: the run's name and its differing values, and its status unless it finished."""
     values = ", ".join(f"{column}={format_value(row[column])}" for column in differing_columns(row))
@@ -388,7 +374,7 @@ def run_label(row: dict[str, Any]) -> str:
     return label if row["status"] == "finished" else f"{label} ({row['status']})"
 
 
-# --- output ---------------------------------------------------------------------------
+# --- output (the tables: compare_table.py; the per-run figures: compare_plots.py) -------
 
 
 def logged_metrics(runs: list[Run]) -> list[str]:
@@ -411,26 +397,6 @@ def check_metric(runs: list[Run], metric: str) -> None:
     )
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    """Raw values, full precision; empty cells for missing values."""
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """A GitHub-flavoured Markdown table of formatted values."""
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
-
-    columns = list(rows[0])
-    lines = [line(columns), line(["---"] * len(columns))]
-    lines += [line([format_value(row[c]) for c in columns]) for row in rows]
-    return "\n".join(lines) + "\n"
-
-
 def notes(runs: list[Run], rows: list[dict[str, Any]]) -> list[str]:
     """Lines to print under the table: the components all runs share, and why runs failed."""
     lines = []
@@ -441,78 +407,6 @@ def notes(runs: list[Run], rows: list[dict[str, Any]]) -> list[str]:
         if run.summary.get("error"):
             lines.append(f"run {row['run']} {run.status}: {run.summary['error'].splitlines()[0]}")
     return lines
-
-
-def write_markdown(rows: list[dict[str, Any]], lines: list[str], path: Path) -> None:
-    path.write_text(markdown_table(rows) + "".join(f"\n{line}\n" for line in lines))
-
-
-def _save_plot(series: dict[str, list[tuple[float, float]]], *, x: str, y: str, title: str, path: Path, log_x: bool = False) -> None:
-    """One line per labelled series of (x, y) points, saved as a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    lines = sum(1 for points in series.values() if points)
-    # The legend goes under the axes, one line per run, so long labels never cover the curves.
-    figure = Figure(figsize=(9, 5 + 0.2 * lines), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots()
-    for label, points in series.items():
-        if points:
-            xs, ys = zip(*points)
-            axes.plot(xs, ys, marker="o", markersize=3, label=label)
-    if log_x:
-        axes.set_xscale("log", base=2)
-    axes.set_xlabel(x)
-    axes.set_ylabel(y)
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    if axes.lines:
-        figure.legend(loc="outside lower center", fontsize="x-small")
-    figure.savefig(path, dpi=120)
-
-
-def plot_curves(runs: list[Run], labels: list[str], metric: str, path: Path) -> None:
-    """``metric`` against step, one line per run that logged it, saved as a PNG."""
-    series = {label: run.curves.get(metric) or [] for run, label in zip(runs, labels)}
-    _save_plot(series, x="step", y=metric, title=f"{metric} by step", path=path)
-
-
-def plot_evaluations(runs: list[Run], labels: list[str], metric: str, path: Path) -> bool:
-    """``plugformer eval``'s ``metric`` on the validation split against the evaluated
-    length, one line per run; False (nothing written) when no run has such evaluations."""
-    series = {}
-    for run, label in zip(runs, labels):
-        points = []
-        for name, value in run.evaluations.items():
-            where, name_metric = name.rsplit("/", 1)
-            split, length = where.removeprefix("eval/").split("@")
-            if split == "validation" and name_metric == metric:
-                points.append((int(length), value))
-        series[label] = sorted(points)
-    if not any(series.values()):
-        return False
-    _save_plot(series, x="evaluated length (tokens)", y=f"eval {metric}", title=f"eval {metric} by length", path=path, log_x=True)
-    return True
-
-
-def print_table(rows: list[dict[str, Any]], lines: list[str]) -> None:
-    """The table on the terminal; when output is not a terminal (a pipe, a log file) it is
-    printed wide instead of squeezed to 80 columns. ``lines`` follow the table."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=max(console.width, 240))
-    table = Table()
-    for column in rows[0]:
-        table.add_column(column, justify="left" if column in ("run", "status") else "right")
-    for row in rows:
-        table.add_row(*(format_value(value) for value in row.values()))
-    console.print(table)
-    for line in lines:
-        console.print(line, highlight=False, markup=False)
 
 
 def default_out_dir(runs: list[Run]) -> Path:

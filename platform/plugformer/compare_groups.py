@@ -41,7 +41,7 @@ class Group:
 
     def label(self) -> str:
         """``model.n_layers=2, attention=local (n=3)``; ``all runs (n=3)`` without keys."""
-        from plugformer.compare import format_value
+        from plugformer.compare_table import format_value
 
         setting = ", ".join(f"{key}={format_value(value)}" for key, value in zip(self.keys, self.values))
         return f"{setting or 'all runs'} (n={len(self.indices)})"
@@ -164,7 +164,7 @@ def group_table(groups: list[Group], table_rows: list[dict[str, Any]]) -> list[d
 def format_stat(value: Stat, n: int) -> str:
     """``0.4123 ± 0.0051`` (``± `` left out for a single value; ``[k of n]`` added when only
     k of the group's n runs have the value)."""
-    from plugformer.compare import MISSING, format_value
+    from plugformer.compare_table import MISSING, format_value
 
     if value.mean is None:
         return MISSING

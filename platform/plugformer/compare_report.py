@@ -69,14 +69,14 @@ def write_report(report: Report, path: Path) -> list[Path]:
 
 
 def _cell(value: Any) -> str:
-    from plugformer.compare import format_value
+    from plugformer.compare_table import format_value
 
     return format_value(value)
 
 
 def render_markdown(report: Report, image_prefix: str = "") -> str:
     """The report as Markdown; figure ``f`` is referenced as ``image_prefix + f.file_name``."""
-    from plugformer.compare import markdown_table
+    from plugformer.compare_table import markdown_table
 
     parts = [f"# {report.title}", "", "Runs from: " + ", ".join(f"`{s}`" for s in report.sources), ""]
     if report.group_rows:
