@@ -186,8 +186,19 @@ class ChunkSource:
     def __init__(self, x: Tensor) -> None:
         self._buffer: Tensor | None = None
         self._like = (x.shape, x.dtype, x.device)
+        self._parent: tuple[ChunkSource, Callable[[Tensor], Tensor]] | None = None
         self.tracked = torch.is_grad_enabled() and x.requires_grad
         self.tensor: Tensor = _SourceNode.apply(x, self) if self.tracked else x
+
+    def view(self, fn: Callable[[Tensor], Tensor]) -> ChunkSource:
+        """A source of ``fn(x)``, where ``fn`` only reshapes or reorders (returns a view, no
+        copy): its pieces add their gradient into ``fn`` of this source's buffer, so two
+        layouts of one tensor (blocks, residues) share one gradient buffer."""
+        derived = ChunkSource.__new__(ChunkSource)
+        derived.tracked, derived.tensor, derived._buffer = self.tracked, fn(self.tensor), None
+        derived._like = (derived.tensor.shape, self._like[1], self._like[2])
+        derived._parent = (self, fn)
+        return derived
 
     @property
     def dtype(self) -> torch.dtype:
@@ -196,6 +207,10 @@ class ChunkSource:
     @property
     def shape(self) -> torch.Size:
         return self._like[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self._like[2]
 
     def narrow(self, dim: int, start: int, length: int) -> Tensor:
         """``x.narrow(dim, start, length)`` (a view)."""
@@ -210,6 +225,13 @@ class ChunkSource:
             return _take(self.tensor, dim, index)
         return _TakeNode.apply(self.tensor, self, dim, index)
 
+    def rows(self, index: Tensor) -> Tensor:
+        """``x`` (batch, heads, n, e) at rows ``index`` (batch, g) of each example: (batch,
+        heads, g, e)."""
+        if not self.tracked:
+            return _rows(self.tensor, index)
+        return _RowsNode.apply(self.tensor, self, index)
+
     def matmul(self, a: Tensor, *, transpose: bool = False) -> Tensor:
         """``a @ x`` (``a`` (..., r, n) for ``x`` (..., n, e)), or ``a @ xᵀ`` with ``transpose``
         (``a`` (..., r, e)), ``a``'s leading dimensions those of ``x``. The gradient for ``x``
@@ -222,6 +244,9 @@ class ChunkSource:
 
     def _gradient(self) -> Tensor:
         """The buffer pieces add into, zero until the first piece's backward."""
+        if self._parent is not None:
+            parent, fn = self._parent
+            return fn(parent._gradient())
         if self._buffer is None:
             shape, dtype, device = self._like
             self._buffer = torch.zeros(shape, dtype=dtype, device=device)
@@ -235,6 +260,25 @@ class ChunkSource:
 def _take(x: Tensor, dim: int, index: Tensor) -> Tensor:
     dim = dim % x.dim()
     return x.index_select(dim, index.reshape(-1)).unflatten(dim, index.shape)
+
+
+def _rows(x: Tensor, index: Tensor) -> Tensor:
+    return x.gather(-2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
+
+
+class _RowsNode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, source: ChunkSource, index: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        ctx.source, ctx.index = source, index
+        return _rows(x, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None) -> tuple[None, None, None]:  # type: ignore[override]
+        if grad is not None:
+            index = ctx.index[:, None, :, None].expand(-1, grad.shape[1], -1, grad.shape[-1])
+            ctx.source._gradient().scatter_add_(-2, index, grad.to(ctx.source.dtype))
+        return None, None, None
 
 
 class _SourceNode(torch.autograd.Function):

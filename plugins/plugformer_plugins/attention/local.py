@@ -18,13 +18,14 @@ the gathered positions, so ALiBi-style biases work unchanged.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from plugformer import Attention, AttentionState, BuildContext, Capabilities, Component, ConfigError, bounds
-from plugformer.attention import chunk_count, recomputed_chunks
+from plugformer.attention import ChunkSource, chunk_count, recomputed_chunks
 
 
 @dataclass
@@ -55,6 +56,16 @@ def _split_residues(x: Tensor, dim: int, dilation: int, fill: float | bool) -> T
     length = x.shape[dim]
     x = _pad(x, dim, 0, -length % dilation, fill)
     return x.unflatten(dim, (-1, dilation)).transpose(dim - 1, dim)
+
+
+def _residue_source(x: Tensor | ChunkSource, dilation: int) -> ChunkSource:
+    """:func:`_split_residues` of a tensor or source along the length, as a source; a view of
+    the given source (sharing its gradient buffer) when no padding is needed."""
+    if isinstance(x, ChunkSource):
+        if x.shape[-2] % dilation == 0:
+            return x.view(lambda t: _split_residues(t, -2, dilation, 0.0))
+        x = x.tensor
+    return ChunkSource(_split_residues(x, -2, dilation, 0.0))
 
 
 @dataclass
@@ -116,18 +127,19 @@ class SlidingWindowAttention(Attention):
         return self.attend_sliding(q, k, v, key_padding_mask=key_padding_mask, positions=q_positions)
 
     def attend_sliding(
-        self, q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None, positions: Tensor,
-        extra: ExtraKeys | None = None,
+        self, q: Tensor | ChunkSource, k: Tensor | ChunkSource, v: Tensor | ChunkSource, *,
+        key_padding_mask: Tensor | None, positions: Tensor, extra: ExtraKeys | None = None,
     ) -> Tensor:
         """The window attention of a whole sequence (Lq = Lk), each query also seeing the
-        ``extra`` keys; O(n·(w + g)) time and memory."""
+        ``extra`` keys; O(n·(w + g)) time and memory. q/k/v may be :class:`ChunkSource` s
+        that a caller also reads elsewhere (one gradient buffer each)."""
         length = q.shape[-2]
         d = self.dilation
         if key_padding_mask is None:
             valid = torch.ones(1, length, dtype=torch.bool, device=q.device)
         else:
             valid = key_padding_mask.bool()
-        q, k, v = (_split_residues(t, -2, d, 0.0) for t in (q, k, v))  # (batch, heads, d, m, head_dim)
+        q, k, v = (_residue_source(t, d) for t in (q, k, v))  # (batch, heads, d, m, head_dim)
         out = self._attend_windows(
             q, k, v, valid=_split_residues(valid, -1, d, False), positions=_split_residues(positions, -1, d, 0),
             extra=extra,
@@ -152,7 +164,8 @@ class SlidingWindowAttention(Attention):
         return self.explicit_attend(q, k, v, allowed, q_positions, k_positions)
 
     def _attend_windows(
-        self, q: Tensor, k: Tensor, v: Tensor, *, valid: Tensor, positions: Tensor, extra: ExtraKeys | None = None
+        self, q: ChunkSource, k: ChunkSource, v: ChunkSource, *, valid: Tensor, positions: Tensor,
+        extra: ExtraKeys | None = None,
     ) -> Tensor:
         """Undilated window attention; q/k/v (..., m, head_dim), valid (batch, R, m), positions (batch or 1, R, m).
 
@@ -165,7 +178,7 @@ class SlidingWindowAttention(Attention):
         ahead = 0 if self.causal else block  # bidirectional windows also reach into the next block
         span = 2 * block + ahead
         keys = span + (0 if extra is None else extra.keys.shape[-2])
-        per_block = q[..., :1, :1].numel() * block * keys  # score elements of one block of queries
+        per_block = math.prod(q.shape[:-2]) * block * keys  # score elements of one block of queries
         step = chunk_count(n_blocks, per_block)
 
         def chunk(first: int, last: int) -> Tensor:
@@ -175,7 +188,7 @@ class SlidingWindowAttention(Attention):
         return out.flatten(-3, -2)[..., :m, :]
 
     def _window_chunk(
-        self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor, positions: Tensor, extra: ExtraKeys | None,
+        self, q: ChunkSource, k: ChunkSource, v: ChunkSource, valid: Tensor, positions: Tensor, extra: ExtraKeys | None,
         first: int, last: int, *, block: int, ahead: int,
     ) -> Tensor:
         """Blocks ``first`` ≤ c < ``last`` of queries: (..., last − first, block, head_dim)."""
@@ -185,13 +198,13 @@ class SlidingWindowAttention(Attention):
         lo, hi = (first - 1) * block, last * block + ahead
         before, after = max(0, -lo), max(0, hi - m)
 
-        def windows(x: Tensor, dim: int, fill: float | bool) -> Tensor:
+        def windows(x: Tensor | ChunkSource, dim: int, fill: float | bool) -> Tensor:
             # The unfolded axis goes last.
             part = x.narrow(dim, lo + before, hi - after - lo - before)
             return _pad(part, dim, before, after, fill).unfold(dim, span, block)
 
         q_stop = min(m, last * block)
-        q_blocks = _pad(q[..., first * block : q_stop, :], -2, 0, last * block - q_stop, 0.0).unflatten(-2, (-1, block))
+        q_blocks = _pad(q.narrow(-2, first * block, q_stop - first * block), -2, 0, last * block - q_stop, 0.0).unflatten(-2, (-1, block))
         k_windows = windows(k, -2, 0.0).transpose(-1, -2)  # (..., nc, span, hd)
         v_windows = windows(v, -2, 0.0).transpose(-1, -2)  # (..., nc, span, hd)
         key_valid = windows(valid, -1, False)  # (batch, R, nc, span)

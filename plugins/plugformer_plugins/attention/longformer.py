@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from plugformer import AttentionState, BuildContext, Capabilities, Component, ConfigError, bounds, repeat_kv
+from plugformer.attention import ChunkSource
 
 from plugformer_plugins.attention.local import ExtraKeys, LocalAttentionConfig, SlidingWindowAttention
 
@@ -112,14 +113,21 @@ class LongformerAttention(SlidingWindowAttention):
         slot_valid = is_global.gather(-1, index)
         positions = q_positions.expand(batch, -1)
         global_positions = positions.gather(-1, index)
-        extra = ExtraKeys(_rows(k, index), _rows(v, index), index, slot_valid, global_positions)
-        out = self.attend_sliding(q, k, v, key_padding_mask=key_padding_mask, positions=q_positions, extra=extra)
+        # One gradient buffer per tensor for the window chunks, the global keys and the global
+        # queries' attention to every key: no full-size temporaries in the backward pass.
+        q_src, k_src, v_src = (ChunkSource(t) for t in (q, k, v))
+        extra = ExtraKeys(k_src.rows(index), v_src.rows(index), index, slot_valid, global_positions)
+        out = self.attend_sliding(q_src, k_src, v_src, key_padding_mask=key_padding_mask, positions=q_positions, extra=extra)
 
-        global_q, all_k, all_v = self._global_qkv(q, k, v, positions)
         allowed = valid[:, None, None, :]
         if self.causal:
             allowed = allowed & (torch.arange(length, device=q.device)[None, None, None, :] <= index[:, None, :, None])
-        global_out = self.explicit_attend(_rows(global_q, index), all_k, all_v, allowed, global_positions, k_positions)
+        if self.global_query is None or self._x is None:
+            global_q, all_k, all_v = q_src.rows(index), k_src, v_src
+        else:
+            own_q, all_k, all_v = self._global_qkv(q, k, v, positions)
+            global_q = _rows(own_q, index)
+        global_out = self.explicit_attend(global_q, all_k, all_v, allowed, global_positions, k_positions)
         rows = index[:, None, :, None].expand(-1, out.shape[1], -1, out.shape[-1])
         global_out = torch.where(slot_valid[:, None, :, None], global_out, out.gather(-2, rows))
         return out.scatter(-2, rows, global_out)
