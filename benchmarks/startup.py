@@ -122,7 +122,7 @@ def section(results: dict[str, dict[str, list[tuple[float, float]]]], args: argp
         f"{os.cpu_count()} cores (`OMP_NUM_THREADS=1`); load average {load[0]:.1f} when written "
         f"({datetime.date.today().isoformat()}). Target: ≤ {TARGET_S:.0f} s for each plugformer command on an "
         "idle 2-core machine. Made by `.venv/bin/python benchmarks/startup.py`"
-        + (" --baseline <checkout of the commit before the lazy imports>" if args.baseline else "")
+        + (" --source <checkout measured> --baseline <checkout of the commit before it>" if args.baseline else "")
         + "; baseline and now were run interleaved, so load slows both alike. CPU seconds (user + "
         "system, the command's processes) depend less on the load than wall time; on an idle machine the "
         "start-up's wall time is close to its CPU time (it runs on one core).",
