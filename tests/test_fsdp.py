@@ -208,3 +208,23 @@ def test_two_cpu_processes_shard_checkpoint_and_resume(tmp_path: Path) -> None:
     summary = read_summary(run_dir)
     assert summary["status"] == "finished" and summary["global_step"] == 8
     assert read_checkpoint(last).global_step == 8
+
+
+# --- the memory preflight ----------------------------------------------------------------------
+def test_the_memory_preflight_counts_each_rank_s_shard_of_the_weights() -> None:
+    from plugformer.api import _session_plugins
+    from plugformer.memory import estimate
+    from plugformer.model.builder import check_components, choose_components
+
+    registry = _session_plugins().registry
+
+    def weights(*overrides: str, processes: int = 2) -> int:
+        cfg = compose_train(*SMALL, *overrides)
+        chosen = choose_components(cfg, registry)
+        return estimate(cfg, chosen, check_components(cfg, chosen, registry), processes=processes, device="cpu").parts["weights, gradients, AdamW"]
+
+    unsharded = weights("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
+    params = unsharded // 16
+    assert weights(*CPU_FSDP) == 16 * params // 2  # FULL_SHARD: everything split over 2 ranks
+    assert weights(*CPU_FSDP, "trainer.fsdp.sharding_strategy=SHARD_GRAD_OP") == 4 * params + 12 * params // 2
+    assert weights(*CPU_FSDP, "+trainer.num_nodes=2") == 16 * params // 4

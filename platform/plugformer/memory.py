@@ -7,7 +7,10 @@ The estimate, in bytes, per training process:
   (measured: about 0.55 GiB resident on CPU; not counted against GPU memory);
 - **weights**: parameters, their gradients and AdamW's two moments, 4 × 4 bytes per
   parameter, parameters counted from the sizes (embeddings, a learned position table,
-  attention 4·d², feed-forward 2·d·hidden per expert, cross-attention 4·d²);
+  attention 4·d², feed-forward 2·d·hidden per expert, cross-attention 4·d²); under
+  ``trainer=fsdp`` the sharded part divided by the ranks sharing it (all 16 bytes with
+  FULL_SHARD, the 12 of gradients and AdamW with SHARD_GRAD_OP; HYBRID_SHARD shards over
+  one node's ranks);
 - **activations**: what each layer keeps for the backward pass, about 20 values per token
   and model dimension (norms, q/k/v, attention output, the feed-forward's hidden layer and
   the residuals; 24 with dropout), plus the embedding output and, for token-level
@@ -178,7 +181,7 @@ def estimate(cfg: Any, chosen: dict[str, Any], plan: Any, processes: int = 1, de
     logits = 12 * b * n * vocab if token_level else 0
     parts = {
         "framework": FRAMEWORK_BYTES if device == "cpu" else 0,
-        "weights, gradients, AdamW": 16 * params,
+        "weights, gradients, AdamW": _weight_bytes(cfg, params, processes if device == "cpu" else None),
         "activations": kept + embeddings + logits,
         "attention": attention_kept + in_flight,
     }
@@ -190,6 +193,34 @@ def estimate(cfg: Any, chosen: dict[str, Any], plan: Any, processes: int = 1, de
         batch_size=int(b), length=int(n), processes=processes, device=device,
         details={"parameters": params},
     )
+
+
+def _weight_bytes(cfg: Any, params: int, node_processes: int | None) -> int:
+    """Parameters, gradients and AdamW state held by one process: 16 bytes a parameter,
+    less what ``trainer=fsdp`` shards over its ranks (``node_processes``: the processes of
+    this node, or None to count the node's devices)."""
+    trainer = cfg.get("trainer") or {}
+    if str(trainer.get("strategy") or "").lower() != "fsdp":
+        return 16 * params
+    per_node = node_processes or _devices(trainer.get("devices"))
+    options = trainer.get("fsdp") or {}
+    choice = options.get("sharding_strategy") or "FULL_SHARD"
+    sharding = str(getattr(choice, "value", choice))  # an Enum in a composed config, a string read back
+    ranks = per_node * (1 if sharding == "HYBRID_SHARD" else int(trainer.get("num_nodes") or 1))
+    if ranks <= 1:
+        return 16 * params
+    sharded = 12 if sharding == "SHARD_GRAD_OP" else 16
+    return (16 - sharded) * params + sharded * params // ranks
+
+
+def _devices(devices: Any) -> int:
+    if isinstance(devices, int) or (isinstance(devices, str) and devices.isdigit()):
+        return int(devices)
+    if isinstance(devices, (list, tuple)) or hasattr(devices, "__len__") and not isinstance(devices, str):
+        return len(devices)
+    import torch
+
+    return max(1, torch.cuda.device_count())  # "auto" or -1: every GPU of the node
 
 
 def _meminfo_available() -> int | None:
