@@ -9,9 +9,11 @@ import math
 import shlex
 from pathlib import Path
 
+import pytest
 import yaml
 
-from helpers import FAST, read_summary, run_cli
+from helpers import FAST, REPO, read_summary, run_cli
+from plugformer.cli import main
 from plugformer.study import objective_value
 
 TINY_LISTOPS = [
@@ -94,13 +96,14 @@ def test_a_study_without_a_sweep_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 2 and "hydra.sweeper.params" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_the_slurm_dry_run_writes_one_script_per_job_that_runs_that_job(tmp_path: Path) -> None:
+def test_the_slurm_dry_run_writes_one_script_per_job_that_runs_that_job(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "slurm"
-    result = run_cli(
-        "sweep", "slurm", "--study", "sweeps/zoology_mqar.yaml", "--out", str(out), "model.d_model=32,64",
+    # The CLI's main in this process (the job's script is then run through the real command below).
+    status = main([
+        "sweep", "slurm", "--study", str(REPO / "sweeps" / "zoology_mqar.yaml"), "--out", str(out), "model.d_model=32,64",
         "trainer.devices=2", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=2",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    ])
+    assert status == 0, capsys.readouterr().err[-3000:]
     scripts = sorted(out.glob("job_*.sbatch"), key=lambda p: int(p.stem.split("_")[1]))
     assert len(scripts) == 4 * 2  # the study's 4 mixers x the command line's 2 widths (replacing its 3)
     text = scripts[-1].read_text()
