@@ -17,6 +17,7 @@ g: grouped-query, Ainslie et al. 2023); the cache stores only the key/value head
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -345,15 +346,23 @@ class _MatmulNode(torch.autograd.Function):
         a, x = ctx.saved_tensors
         grad_a = torch.matmul(grad, x if ctx.transpose else x.transpose(-1, -2)) if ctx.needs_input_grad[0] else None
         buffer = ctx.source._gradient()
-        n, e = buffer.shape[-2:]
-        r = grad.shape[-2]
-        flat = buffer.view(-1, n, e)
-        g = grad.to(buffer.dtype).reshape(-1, r, grad.shape[-1])
-        a = a.to(buffer.dtype).reshape(-1, r, a.shape[-1])
-        if ctx.transpose:  # y = a xᵀ: dx = gᵀ a
-            flat.baddbmm_(g.transpose(1, 2), a)
-        else:  # y = a x: dx = aᵀ g
-            flat.baddbmm_(a.transpose(1, 2), g)
+        g, a = grad.to(buffer.dtype), a.to(buffer.dtype)
+        # y = a xᵀ: dx = gᵀ a; y = a x: dx = aᵀ g. One batched product per slice of the leading
+        # dimensions that the buffer's layout can merge (a view of another source's buffer may
+        # be permuted), each added in place.
+        left, right = (g.transpose(-1, -2), a) if ctx.transpose else (a.transpose(-1, -2), g)
+        lead = buffer.shape[:-2]
+        for merged in range(len(lead), -1, -1):  # merge as many trailing leading dims as the strides allow
+            try:
+                target = buffer.view(*lead[: len(lead) - merged], -1, *buffer.shape[-2:]) if merged else buffer.unsqueeze(-3)
+                break
+            except RuntimeError:
+                continue
+        outer = target.shape[:-3]
+        left = left.reshape(*outer, -1, *left.shape[-2:])
+        right = right.reshape(*outer, -1, *right.shape[-2:])
+        for index in itertools.product(*(range(size) for size in outer)):
+            target[index].baddbmm_(left[index], right[index])
         return grad_a, None, None, None
 
 

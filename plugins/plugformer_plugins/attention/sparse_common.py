@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from plugformer import Attention, AttentionState, BuildContext, ConfigError
+from plugformer.attention import ChunkSource
 
 
 def pad_to(x: Tensor, dim: int, length: int, fill: float | bool | int) -> Tensor:
@@ -116,9 +117,13 @@ class SparseAttention(Attention):
         return out.squeeze(-2)
 
     # --- helpers for the patterns -----------------------------------------------------------
-    def scores(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
-        """q·kᵀ/√d plus the position's terms, in at least float32: (..., Lq, Lk)."""
-        scores = torch.matmul(q * self.scale, k.transpose(-1, -2))
+    def scores(self, q: Tensor, k: Tensor | ChunkSource, q_positions: Tensor, k_positions: Tensor) -> Tensor:
+        """q·kᵀ/√d plus the position's terms, in at least float32: (..., Lq, Lk). ``k`` may be a
+        :class:`ChunkSource` (every chunk reads all of it; its gradient accumulates in place)."""
+        if isinstance(k, ChunkSource):
+            scores = k.matmul(q * self.scale, transpose=True)
+        else:
+            scores = torch.matmul(q * self.scale, k.transpose(-1, -2))
         scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
         terms = self.score_terms(q, q_positions, k_positions)
         return scores if terms is None else scores + terms.to(scores.dtype)
@@ -142,9 +147,10 @@ class SparseAttention(Attention):
             weights = F.dropout(weights, p=self.dropout)
         return list(weights.split(sizes, dim=-1)), mask.any(dim=-1, keepdim=True)
 
-    def weighted(self, weights: Tensor, v: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
-        """weights @ v plus the position's relative value term for these weights."""
-        out = torch.matmul(weights, v)
+    def weighted(self, weights: Tensor, v: Tensor | ChunkSource, q_positions: Tensor, k_positions: Tensor) -> Tensor:
+        """weights @ v plus the position's relative value term for these weights (``v`` may be
+        a :class:`ChunkSource`)."""
+        out = v.matmul(weights) if isinstance(v, ChunkSource) else torch.matmul(weights, v)
         values = self.value_terms(weights, q_positions, k_positions)
         return out if values is None else out + values.to(out.dtype)
 
@@ -167,7 +173,7 @@ def windows(x: Tensor, dim: int, size: int, before: int, after: int, fill: float
 
 
 def windows_of(
-    x: Tensor, dim: int, size: int, before: int, after: int, fill: float | bool | int, first: int, last: int
+    x: Tensor | ChunkSource, dim: int, size: int, before: int, after: int, fill: float | bool | int, first: int, last: int
 ) -> Tensor:
     """:func:`windows` of the blocks ``first`` ≤ c < ``last`` only, built from the slice of
     ``x`` they reach (no padded copy of the whole sequence): (..., last − first, ..., span)."""
@@ -177,9 +183,9 @@ def windows_of(
     part = x.narrow(dim, start, stop - start)
     pieces = []
     for missing in (start - lo, hi - stop):
-        shape = list(x.shape)
+        shape = list(part.shape)
         shape[dim] = missing
-        pieces.append(x.new_full(shape, fill) if missing else None)
+        pieces.append(part.new_full(shape, fill) if missing else None)
     if pieces[0] is not None or pieces[1] is not None:
         part = torch.cat([p for p in (pieces[0], part, pieces[1]) if p is not None], dim=dim)
     return part.unfold(dim, (before + 1 + after) * size, size)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from plugformer import BuildContext, Capabilities, Component, bounds
-from plugformer.attention import chunk_count, recomputed_chunks
+from plugformer.attention import ChunkSource, chunk_count, recomputed_chunks
 from plugformer_plugins.attention.sparse_common import SparseAttention, blocks, windows_of
 
 
@@ -61,14 +61,17 @@ class StridedSparseAttention(SparseAttention):
         l = self.stride
         ahead = 0 if self.causal else 1
         n_blocks = q.shape[-2] // l
-        q_blocks, pos_blocks = blocks(q, -2, l), blocks(positions, -1, l)  # (b, h, nb, l, hd), (P, nb, l)
-        k_cols, v_cols = (blocks(t, -2, l).transpose(-3, -2) for t in (k, v))  # (b, h, l, nb, hd)
+        batch_heads = q.shape[0] * q.shape[1]
+        # One gradient buffer per tensor, read in pieces by every chunk (see ChunkSource).
+        q, k, v = (ChunkSource(t) for t in (q, k, v))
+        q_blocks, pos_blocks = q.view(lambda t: blocks(t, -2, l)), blocks(positions, -1, l)  # (b, h, nb, l, hd), (P, nb, l)
+        k_cols, v_cols = (t.view(lambda x: blocks(x, -2, l).transpose(-3, -2)) for t in (k, v))  # (b, h, l, nb, hd)
         pos_cols = pos_blocks.transpose(-1, -2)  # (P, l, nb)
 
         def chunk(first: int, last: int) -> Tensor:
             """Query blocks first ≤ a < last: (b, h, last − first, l, hd)."""
             # Local part: block c of queries against blocks c − 1, c (and c + 1).
-            q_part, pos_part = q_blocks[:, :, first:last], pos_blocks[:, first:last]
+            q_part, pos_part = q_blocks.narrow(2, first, last - first), pos_blocks[:, first:last]
             k_near = windows_of(k, -2, l, 1, ahead, 0.0, first, last).transpose(-1, -2)  # (b, h, nc, span, hd)
             v_near = windows_of(v, -2, l, 1, ahead, 0.0, first, last).transpose(-1, -2)
             pos_near = windows_of(positions, -1, l, 1, ahead, 0, first, last)  # (P, nc, span)
@@ -97,7 +100,7 @@ class StridedSparseAttention(SparseAttention):
             return out.masked_fill(~seen, 0.0)
 
         # A few query blocks at a time, recomputed in backward: no (n × (l + n/l)) scores kept.
-        step = chunk_count(n_blocks, q[..., :1, :1].numel() * l * ((2 + ahead) * l + n_blocks))
+        step = chunk_count(n_blocks, batch_heads * l * ((2 + ahead) * l + n_blocks))
         # Every chunk reads all keys (a full-size copy for the matmul): at most 8 chunks, so
         # that work stays a small multiple of one pass instead of growing with n / block.
         step = max(step, -(-n_blocks // 8))
