@@ -264,8 +264,48 @@ def verdict(ratios: list[float]) -> str:
     return "met" if median <= TARGET else f"missed by {100 * (median - TARGET):.2f} points"
 
 
-def report(results: dict[str, Any]) -> str:
+#: How each part's subsection of the section starts (to keep the parts a run did not measure).
+HEADINGS = {"model": "### The default run's model", "tiny": "### What the platform costs per step", "data": "### Data wait"}
+NOTES = "Notes (written by hand"
+KEPT_HEADING, KEPT_FROM = "Parts not measured again", "That measurement: "
+
+
+def earlier_section(out: Path) -> dict[str, str]:
+    """The section now in ``out``, in pieces: each part's subsection by part name, with the
+    paragraph of the measurement it came from under ``<part>_machine``, and ``notes`` (the
+    hand-written notes); absent pieces are left out."""
+    text = out.read_text() if out.exists() else ""
+    if START not in text or END not in text:
+        return {}
+    body = text.split(START, 1)[1].split(END, 1)[0]
+    body, _, notes = body.partition(NOTES)
+    pieces: dict[str, str] = {"notes": NOTES + notes.rstrip()} if notes else {}
+    machine = next((line.strip() for line in body.splitlines() if line.startswith("Machine:")), "")
+    kept_from = KEPT_FROM.join(body.split(KEPT_FROM)[1:]).split("\n", 1)[0].strip() if KEPT_FROM in body else machine
+    top, _, kept = body.partition("\n### " + KEPT_HEADING)
+    for source, where in ((top, machine), (kept.replace("\n#### ", "\n### "), kept_from)):
+        for block in source.split("\n### "):
+            for part, heading in HEADINGS.items():
+                if ("### " + block).startswith(heading):
+                    pieces[part] = ("### " + block).strip()
+                    pieces[f"{part}_machine"] = where.removeprefix("Machine: ")
+    return pieces
+
+
+def kept_plain_cpu(model_table: str) -> float | None:
+    """The plain loop's median CPU seconds per step from a kept default-model table."""
+    for line in model_table.splitlines():
+        if line.startswith(f"| {PLAIN} |"):
+            return float(line.split("|")[4].split()[0]) / 1000
+    return None
+
+
+def report(results: dict[str, Any], earlier: dict[str, str] | None = None) -> str:
+    """The section. Parts not in ``results`` but in ``earlier`` (:func:`earlier_section`) are
+    kept as they were, under their own measurement's paragraph, and so are the notes."""
     meta, model, tiny, data_wait = results["meta"], results.get("model"), results.get("tiny"), results.get("data")
+    earlier = earlier or {}
+    kept = [part for part in PARTS if results.get(part) is None and part in earlier]
     lines = [
         START,
         "## Platform overhead per step",
@@ -310,6 +350,8 @@ def report(results: dict[str, Any]) -> str:
             )
     if tiny is not None:
         plain_cpu = statistics.median(model["cpu"][PLAIN]) if model is not None else None
+        if plain_cpu is None and "model" in kept:
+            plain_cpu = kept_plain_cpu(earlier["model"])
         lines += [
             "",
             f"### What the platform costs per step, in milliseconds (a tiny model, {tiny['repeats']} repeats of {tiny['steps']} "
@@ -317,7 +359,7 @@ def report(results: dict[str, Any]) -> str:
             "",
             f"The same three ways on `{' '.join(tiny['overrides'])}`, whose own step is so short that what the training path adds "
             "per step stands out: the platform's cost per step is each repeat's CPU time per step minus the plain loop's in the "
-            "same repeat (median, min–max). Divided by the default run's plain CPU step time above, it is the overhead that "
+            "same repeat (median, min–max). Divided by the default run's plain CPU step time (the default model's table), it is the overhead that "
             f"model pays, measured far more precisely than the difference of two large noisy times. The first {LOSS_CHECK_STEPS} "
             f"losses {'agree' if losses_agree(tiny) else 'DIFFER'}.",
             "",
@@ -351,6 +393,20 @@ def report(results: dict[str, Any]) -> str:
         ]
         for name, values in data_wait["runs"].items():
             lines.append(f"| {name} | {100 * values['fraction']:.2f} % | {values['tokens_per_second']:.0f} |")
+    if kept:
+        lines += [
+            "",
+            f"### {KEPT_HEADING}",
+            "",
+            "The run above measured only what it names; these parts are kept from the earlier measurement"
+            + (" (the tiny model's share above divides by the plain loop's CPU step time of the kept default-model table)"
+               if "model" in kept and tiny is not None else "")
+            + ". " + KEPT_FROM + earlier.get(f"{kept[0]}_machine", "not recorded"),
+        ]
+        for part in kept:
+            lines += ["", "#" + earlier[part]]
+    if "notes" in earlier:
+        lines += ["", earlier["notes"]]
     lines += ["", END]
     return "\n".join(lines)
 
@@ -386,7 +442,7 @@ def main() -> None:
     command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/overhead.py " + " ".join(sys.argv[1:])
     if not args.parts:
         results["meta"] = meta
-        text = report(results)
+        text = report(results, earlier_section(args.out))
         print(text)
         if not args.no_write:
             write_section(args.out, text, START, END)
@@ -399,7 +455,7 @@ def main() -> None:
     }
     if args.results:
         args.results.write_text(json.dumps(results, indent=1))
-    text = report(results)
+    text = report(results, earlier_section(args.out))
     print(text)
     if not args.no_write:
         write_section(args.out, text, START, END)

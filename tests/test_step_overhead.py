@@ -230,3 +230,43 @@ def test_the_progress_bar_updates_at_a_rate_and_ends_on_the_exact_state(monkeypa
     every = _Bars(monkeypatch, total=4, interval=0.0)
     every.steps(range(0, 4))
     assert every.shown == [0, 1, 2, 3]
+
+
+def test_a_partial_benchmark_rerun_keeps_the_other_parts_and_the_notes(tmp_path: Path) -> None:
+    import importlib.util
+    import sys
+
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(benchmarks))
+    try:
+        spec = importlib.util.spec_from_file_location("overhead_benchmark", benchmarks / "overhead.py")
+        overhead = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(overhead)
+    finally:
+        sys.path.remove(str(benchmarks))
+    meta = {"cores": 2, "torch": "x", "threads": 1, "python": "3", "date": "d", "load": "9.0", "commands": ["first"]}
+    ways = [overhead.PLAIN, overhead.DEFAULT, overhead.OFF]
+
+    def part(cpu: list[float]) -> dict:
+        times = {name: [value] for name, value in zip(ways, cpu)}
+        return {"wall": times, "cpu": times, "losses_agree": True, "overrides": ["o"], "steps": 2, "warmup": 1, "repeats": 1}
+
+    first = {"meta": meta, "model": part([0.300, 0.303, 0.301]), "tiny": part([0.010, 0.016, 0.012]),
+             "data": {"steps": 5, "runs": {"run a": {"fraction": 0.02, "tokens_per_second": 100.0}}}}
+    out = tmp_path / "BENCHMARKS.md"
+    notes = "Notes (written by hand for this measurement): kept."
+    out.write_text("# Benchmarks\n\n" + overhead.report(first).replace(overhead.END, notes + "\n\n" + overhead.END) + "\nafter\n")
+    earlier = overhead.earlier_section(out)
+    again = {"meta": {**meta, "load": "3.0", "commands": ["second"]}, "tiny": part([0.010, 0.013, 0.011])}
+    text = overhead.report(again, earlier)
+    model_table = earlier["model"].split("\n", 1)[1]
+    assert model_table in text and "#### The default run's model" in text and "#### Data wait" in text
+    assert "| run a | 2.00 % | 100 |" in text and text.count(notes) == 1
+    assert "+1.00 (+1.00–+1.00) %" in text  # the new tiny cost (3 ms) over the kept plain CPU step (300 ms)
+    assert "That measurement: 2 cores" in text and "load average 9.0" in text
+    overhead.write_section(out, text, overhead.START, overhead.END)
+    assert out.read_text().endswith("\nafter\n")  # the rest of the file is untouched
+    # A second partial rerun still finds the kept parts (now one level down) and their measurement.
+    twice = overhead.earlier_section(out)
+    assert twice["model"] == earlier["model"] and twice["data"] == earlier["data"] and "load average 9.0" in twice["model_machine"]
+    assert twice["tiny"].split("\n", 1)[1] in text and "load average 3.0" not in twice["model_machine"]
