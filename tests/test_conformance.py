@@ -397,6 +397,7 @@ SMALL_DATA_OPTIONS = {
     "listops": {"max_depth": 3, "min_length": 10, "max_length": 40},
     "mqar": {"seq_len": 32, "num_pairs": 4, "vocab_size": 64},
     "text": {"block_size": 32},
+    "retro_text": {"block_size": 32, "chunk_size": 8, "encoder": "ngrams"},  # the parameter-free lexical encoder
 }
 
 

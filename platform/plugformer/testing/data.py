@@ -3,7 +3,8 @@ the contract the model and the objective rely on.
 
 What a batch must satisfy (plugformer's batch conventions, docs/plugins.md):
 
-- a dict of tensors, all with the same first (batch) dimension;
+- a dict of tensors, all with the same first (batch) dimension; under the key ``extras`` a
+  dict of such tensors may hold inputs for the layers that read them (RETRO's neighbours);
 - ``input_ids`` (and ``decoder_input_ids`` when present): 2-D integer ids in
   ``[0, vocab_size)``, no longer than ``max_length``;
 - ``attention_mask`` (``decoder_attention_mask``): the ids' shape, boolean (or 0/1), True on
@@ -75,13 +76,21 @@ def check_batch(component: Component, task: DataTask, batch: Mapping[str, Any], 
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
         raise _fail(component, check, f"a batch must be a dict holding input_ids; got {type(batch).__name__} "
                     f"{sorted(batch) if isinstance(batch, Mapping) else ''}")
+    extras = batch.get("extras", {})
+    if not isinstance(extras, Mapping):
+        raise _fail(component, check, f"'extras' is a {type(extras).__name__}; it must be a dict of tensors")
     for key, value in batch.items():
+        if key != "extras" and not isinstance(value, Tensor):
+            raise _fail(component, check, f"{key!r} is a {type(value).__name__}; every batch value must be a tensor (or, "
+                        "under 'extras', a dict of tensors)")
+    for key, value in extras.items():
         if not isinstance(value, Tensor):
-            raise _fail(component, check, f"{key!r} is a {type(value).__name__}; every batch value must be a tensor")
+            raise _fail(component, check, f"extras[{key!r}] is a {type(value).__name__}; extras must be tensors")
     size = batch["input_ids"].shape[0] if batch["input_ids"].dim() else 0
     if size == 0:
         raise _fail(component, check, "input_ids has no rows")
-    for key, value in batch.items():
+    tensors = {**{k: v for k, v in batch.items() if k != "extras"}, **{f"extras[{k!r}]": v for k, v in extras.items()}}
+    for key, value in tensors.items():
         if value.dim() == 0 or value.shape[0] != size:
             raise _fail(component, check, f"{key!r} has shape {tuple(value.shape)}; every tensor's first dimension is the batch ({size})")
     facts = task.facts
@@ -147,10 +156,16 @@ def _check_labels(component: Component, check: str, task: DataTask, batch: Mappi
                         f"{prefix}attention_mask is False there); padded labels must be {IGNORE_INDEX}")
 
 
-def _same_batches(first: Iterable[Mapping[str, Tensor]], second: Iterable[Mapping[str, Tensor]]) -> bool:
+def _same_batches(first: Iterable[Mapping[str, Any]], second: Iterable[Mapping[str, Any]]) -> bool:
     for a, b in zip(first, second):
-        if a.keys() != b.keys() or any(a[k].shape != b[k].shape or not torch.equal(a[k], b[k]) for k in a):
+        if a.keys() != b.keys():
             return False
+        for k in a:
+            if isinstance(a[k], Mapping):
+                if not isinstance(b[k], Mapping) or not _same_batches([a[k]], [b[k]]):
+                    return False
+            elif a[k].shape != b[k].shape or not torch.equal(a[k], b[k]):
+                return False
     return True
 
 

@@ -54,7 +54,7 @@ INDEX_TYPES = ("flat", "ivf", "hnsw")
 
 @dataclass
 class RetroTextConfig(TextConfig):
-    # A plugformer run directory or a local Hugging Face model directory (required).
+    # A plugformer run directory, a local Hugging Face model directory, or ngrams (required).
     encoder: str = ""
     chunk_size: int = field(default=16, metadata=bounds(ge=1))  # m (64 in the paper)
     neighbours: int = field(default=2, metadata=bounds(ge=1))  # k (2 in the paper)
@@ -84,6 +84,8 @@ def check_config(config: RetroTextConfig) -> None:
 def encoder_identity(path: str) -> dict[str, Any]:
     """What the encoder's embeddings depend on, without loading it: the checkpoint
     ``load_run`` would read (best, else last) or the model directory's files."""
+    if path == rx.NgramEncoder.NAME:
+        return rx.NgramEncoder().identity()
     directory = Path(path).expanduser()
     if (directory / "checkpoints").is_dir():
         checkpoint = directory / "checkpoints" / "best.ckpt"

@@ -9,9 +9,9 @@ that follows it, or anything else of its own document (the paper's exclusion, wh
 gain from being leakage). Documents are numbered per token (:func:`document_ids`).
 
 Encoders (:func:`load_encoder`): a plugformer run directory (the mean over a chunk's tokens
-of the final hidden states of its checkpoint) or a local Hugging Face model directory
+of the final hidden states of its checkpoint), a local Hugging Face model directory
 (``AutoModel`` + ``AutoTokenizer``, the mean of ``last_hidden_state`` over the attention
-mask). A chunk reaches the encoder as text (decoded with the data's tokenizer), so the
+mask), or ``ngrams`` (hashed character trigram counts, no parameters). A chunk reaches the encoder as text (decoded with the data's tokenizer), so the
 encoder's tokenizer may differ from the data's.
 """
 
@@ -244,6 +244,31 @@ class HFEncoder:
         return np.concatenate(out)
 
 
+class NgramEncoder:
+    """A parameter-free lexical encoder (``data.encoder=ngrams``): the counts of a chunk's
+    character trigrams, hashed into ``dim`` buckets (crc32) and L2-normalized. Frozen by
+    construction; a baseline beside learned encoders, and what the conformance kit uses."""
+
+    NAME = "ngrams"
+
+    def __init__(self, dim: int = 256, n: int = 3) -> None:
+        self.dim, self.n = dim, n
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "ngrams", "dim": self.dim, "n": self.n, "hash": "crc32"}
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        import zlib
+
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            padded = f" {text} "
+            for start in range(max(1, len(padded) - self.n + 1)):
+                out[row, zlib.crc32(padded[start : start + self.n].encode()) % self.dim] += 1.0
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-6)
+
+
 def hf_identity(path: Path) -> dict[str, Any]:
     """A Hugging Face model directory's identity: the hash of its weights, config and
     tokenizer files."""
@@ -251,15 +276,17 @@ def hf_identity(path: Path) -> dict[str, Any]:
 
 
 def load_encoder(path: str, batch_size: int = 256) -> ChunkEncoder:
-    """A plugformer run directory (it has ``checkpoints/``) or a Hugging Face model
-    directory (it has ``config.json``); a ConfigError otherwise."""
+    """A plugformer run directory (it has ``checkpoints/``), a Hugging Face model directory
+    (it has ``config.json``) or ``"ngrams"`` (:class:`NgramEncoder`); a ConfigError otherwise."""
     if not path:
         raise ConfigError(
             "RETRO needs a frozen encoder for its chunks: data.encoder is not set.",
-            expected="data.encoder=<a plugformer run directory or a local Hugging Face model directory>",
+            expected="data.encoder=<a plugformer run directory or a local Hugging Face model directory, or ngrams>",
             fix="train one first, e.g. plugformer train experiment=lm_small run_dir=runs/retro_encoder, "
             "then data.encoder=runs/retro_encoder (docs/retrieval.md, RETRO)",
         )
+    if path == NgramEncoder.NAME:
+        return NgramEncoder()
     directory = Path(path).expanduser()
     if (directory / "checkpoints").is_dir():
         return RunEncoder(directory, batch_size)
@@ -267,7 +294,7 @@ def load_encoder(path: str, batch_size: int = 256) -> ChunkEncoder:
         return HFEncoder(directory, batch_size)
     raise ConfigError(
         f"data.encoder={path!r} is neither a plugformer run directory nor a Hugging Face model directory.",
-        expected="a folder with checkpoints/ (a plugformer run) or config.json (save_pretrained)",
+        expected="a folder with checkpoints/ (a plugformer run) or config.json (save_pretrained), or ngrams",
         fix="correct data.encoder",
     )
 
