@@ -141,6 +141,7 @@ def fsdp_trainer_arguments(options: dict[str, Any], model: nn.Module) -> dict[st
     config = fsdp_config(options.pop("fsdp", None))
     _check(config, options)
     precision = str(options.pop("precision", None) or "32-true")
+    precision = "32-true" if precision == "32" else precision  # FSDPPrecision takes the full name only
     units = block_classes(model)
     if not units:
         raise ConfigError(
