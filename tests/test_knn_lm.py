@@ -6,6 +6,7 @@ the perplexity unchanged, and a datastore of the evaluated text itself lowers it
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,12 @@ def test_approximate_indexes_hold_every_entry(run_dir: Path, kind: str) -> None:
 
     from plugformer_plugins.retrieval.knn_lm import build_datastore
 
+    lightning_loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    for logger in lightning_loggers:
+        logger.setLevel(logging.NOTSET)
     info = build_datastore(run_dir, [], split="validation", options={"type": kind, "nlist": 4, "m": 8})
+    # Lightning is quieted only while the datastore is built (a later train() logs as usual).
+    assert [logger.level for logger in lightning_loggers] == [logging.NOTSET] * 2
     index = faiss.read_index(str(Path(info["path"]) / "index.faiss"))
     assert index.ntotal == info["entries"] == scored_tokens(run_dir)
     assert kind.upper() in type(index).__name__.upper()
