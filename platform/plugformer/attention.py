@@ -189,15 +189,24 @@ class ChunkSource:
         self._like = (x.shape, x.dtype, x.device)
         self._parent: tuple[ChunkSource, Callable[[Tensor], Tensor]] | None = None
         self.tracked = torch.is_grad_enabled() and x.requires_grad
-        self.tensor: Tensor = _SourceNode.apply(x, self) if self.tracked else x
+        self._tensor: Tensor = _SourceNode.apply(x, self) if self.tracked else x
+
+    @property
+    def tensor(self) -> Tensor:
+        """The whole tensor (of a :meth:`view`: recomputed at each use, so a reshape that must
+        copy copies only inside the chunk that reads it)."""
+        if self._parent is not None:
+            parent, fn = self._parent
+            return fn(parent.tensor)
+        return self._tensor
 
     def view(self, fn: Callable[[Tensor], Tensor]) -> ChunkSource:
-        """A source of ``fn(x)``, where ``fn`` only reshapes or reorders (returns a view, no
-        copy): its pieces add their gradient into ``fn`` of this source's buffer, so two
-        layouts of one tensor (blocks, residues) share one gradient buffer."""
+        """A source of ``fn(x)``, where ``fn`` only reshapes or reorders: its pieces add their
+        gradient into ``fn`` of this source's buffer (contiguous, so there ``fn`` is a view),
+        so two layouts of one tensor (blocks, residues) share one gradient buffer."""
         derived = ChunkSource.__new__(ChunkSource)
-        derived.tracked, derived.tensor, derived._buffer = self.tracked, fn(self.tensor), None
-        derived._like = (derived.tensor.shape, self._like[1], self._like[2])
+        derived.tracked, derived._buffer = self.tracked, None
+        derived._like = (fn(self.tensor).shape, self._like[1], self._like[2])
         derived._parent = (self, fn)
         return derived
 
@@ -239,9 +248,10 @@ class ChunkSource:
         (a full-size product) is added into the buffer in place (``baddbmm_``), so a chunk that
         reads the whole tensor (a global query against every key) adds no full-size
         temporary to the backward pass."""
-        if not self.tracked or a.shape[:-2] != self.tensor.shape[:-2] or self.tensor.dim() < 3:
-            return torch.matmul(a, self.tensor.transpose(-1, -2) if transpose else self.tensor)
-        return _MatmulNode.apply(a, self.tensor, self, transpose)
+        x = self.tensor
+        if not self.tracked or a.shape[:-2] != x.shape[:-2] or x.dim() < 3:
+            return torch.matmul(a, x.transpose(-1, -2) if transpose else x)
+        return _MatmulNode.apply(a, x, self, transpose)
 
     def _gradient(self) -> Tensor:
         """The buffer pieces add into, zero until the first piece's backward."""

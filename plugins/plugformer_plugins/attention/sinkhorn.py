@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from plugformer import Attention, AttentionState, BuildContext, Capabilities, Component, bounds
-from plugformer.attention import chunk_count, recomputed_chunks
+from plugformer.attention import ChunkSource, chunk_count, recomputed_chunks
 
 
 @dataclass
@@ -133,6 +133,10 @@ class SinkhornAttention(Attention):
         permutation = self.sort_blocks(k, real)  # (b, h, nb, nb)
         real_f = real.to(dtype)
         tiny = torch.finfo(dtype).tiny
+        # Every chunk mixes all blocks and reads its own: one gradient buffer per tensor, added
+        # to in place (see ChunkSource), instead of a full-size gradient per chunk.
+        q_src, k_src, v_src = (ChunkSource(t) for t in (q, k, v))
+        k_flat, v_flat = (t.view(lambda x: x.flatten(-2)) for t in (k_src, v_src))  # (b, h, nb, block·hd)
 
         def chunk(first: int, last: int) -> Tensor:
             """Blocks first ≤ c < last of queries: (b, h, last − first, block, head_dim)."""
@@ -140,10 +144,10 @@ class SinkhornAttention(Attention):
             mass = torch.matmul(rows, real_f)  # μ, (b, h, c, block)
             present = mass > 0  # some block has a real key in this slot
             inverse = torch.where(present, 1.0 / mass.clamp_min(tiny), torch.zeros_like(mass)).unsqueeze(-1)
-            sorted_k = torch.matmul(rows, k.flatten(-2)).unflatten(-1, (block, head_dim)) * inverse
-            sorted_v = torch.matmul(rows, v.flatten(-2)).unflatten(-1, (block, head_dim)) * inverse
-            q_chunk = q[:, :, first:last] * self.scale
-            own = torch.matmul(q_chunk, k[:, :, first:last].transpose(-1, -2))  # (b, h, c, block, block)
+            sorted_k = k_flat.matmul(rows).unflatten(-1, (block, head_dim)) * inverse
+            sorted_v = v_flat.matmul(rows).unflatten(-1, (block, head_dim)) * inverse
+            q_chunk = q_src.narrow(2, first, last - first) * self.scale
+            own = torch.matmul(q_chunk, k_src.narrow(2, first, last - first).transpose(-1, -2))  # (b, h, c, block, block)
             mixed = torch.matmul(q_chunk, sorted_k.transpose(-1, -2)) + torch.log(mass.clamp_min(tiny)).unsqueeze(-2)
             scores = torch.cat([own, mixed], dim=-1)
             allowed = torch.cat([real[:, :, first:last].expand(batch, heads, -1, -1), present], dim=-1).unsqueeze(-2)
@@ -152,7 +156,7 @@ class SinkhornAttention(Attention):
             weights = torch.softmax(scores, dim=-1)
             if self.training and self.dropout > 0:
                 weights = F.dropout(weights, p=self.dropout)
-            out = torch.matmul(weights[..., :block], v[:, :, first:last]) + torch.matmul(weights[..., block:], sorted_v)
+            out = torch.matmul(weights[..., :block], v_src.narrow(2, first, last - first)) + torch.matmul(weights[..., block:], sorted_v)
             return out.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
 
         # Blocks of queries a few at a time, recomputed in backward: no (length × 2·block) scores kept.
