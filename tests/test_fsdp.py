@@ -177,9 +177,11 @@ def test_two_cpu_processes_shard_checkpoint_and_resume(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     settings = [*CPU_FSDP, "trainer.fsdp.activation_checkpointing=true", "trainer.val_check_interval=3", *FAST, "model.n_layers=2"]
     env = {"OMP_NUM_THREADS": "1"}
-    result = run_cli("train", *settings, "trainer.max_steps=6", f"run_dir={run_dir}", env=env)
+    # Two processes starting on a loaded machine took up to 5 minutes here: a generous timeout.
+    result = run_cli("train", *settings, "trainer.max_steps=6", f"run_dir={run_dir}", env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "strategy FSDP (2 processes)" in result.stdout, result.stdout
+    assert "last ckpt" in result.stdout, result.stdout  # the closing block names the sharded checkpoint
     summary = read_summary(run_dir)
     assert summary["status"] == "finished" and summary["global_step"] == 6
     sharding = summary["sharding"]
@@ -202,7 +204,7 @@ def test_two_cpu_processes_shard_checkpoint_and_resume(tmp_path: Path) -> None:
         losses = [(run.model(b).loss.item(), b["input_ids"].shape[0]) for b in run.data.val_dataloader()]
     assert summary["metrics"]["val/loss"] == pytest.approx(sum(l * n for l, n in losses) / sum(n for _, n in losses), abs=1e-4)
 
-    resumed = run_cli("train", f"resume={run_dir}", "trainer.max_steps=8", env=env)
+    resumed = run_cli("train", f"resume={run_dir}", "trainer.max_steps=8", env=env, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from step 6" in resumed.stdout, resumed.stdout
     summary = read_summary(run_dir)
