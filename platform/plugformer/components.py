@@ -312,6 +312,7 @@ def default_positions(length: int, device: torch.device | str | None = None) -> 
     """Positions 0..length-1 shared by every example: (1, length)."""
     return torch.arange(length, device=device)[None, :]
 
+
 def batch_token_count(objective: Objective, batch: dict[str, Tensor]) -> Tensor | int:
     """The objective's token count of a batch, as :meth:`Objective.count_tokens` gives it, or
     from :meth:`Objective.tokens_in` when the objective overrides that one below (an
