@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from plugformer import Attention, AttentionState, BuildContext, Capabilities, Component, ConfigError, bounds
-from plugformer.attention import chunk_count, recomputed_chunks
+from plugformer.attention import ChunkSource, chunk_count, recomputed_chunks
 
 
 @dataclass
@@ -115,6 +115,8 @@ class LinearAttention(Attention):
     ) -> Tensor:
         if not self.causal:
             return self._bidirectional(q, k, v, key_padding_mask, q_positions, k_positions)
+        if state is None and q.shape[-2] == k.shape[-2]:
+            return self._causal_grouped(q, k, v, key_padding_mask, q_positions)
         phi_q, phi_k, values = feature_map(q), feature_map(k), v.float()
         if key_padding_mask is not None:
             phi_k = phi_k * key_padding_mask[:, None, :, None].to(phi_k.dtype)
@@ -152,6 +154,50 @@ class LinearAttention(Attention):
             return (numerator / (denominator + self.eps)).to(v.dtype)
 
         return recomputed_chunks(queries, length, rows, dim=-2)
+
+    def _causal_grouped(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, positions: Tensor) -> Tensor:
+        """Causal attention of a whole sequence in groups of whole chunks, each group through
+        :func:`recomputed_chunks`: first every group's state [S | z] (its keys' Σ rφ(k)vᵀ and
+        Σφ(k)), then each group's outputs from its own chunkwise sums (:meth:`_causal_sums`)
+        plus the exclusive prefix sum of the earlier groups' states carried in. Nothing of
+        length × head_dim² or length × chunk is kept for backward: memory is linear in the
+        length with the constant of one group's intermediates."""
+        length, head_dim = q.shape[-2], q.shape[-1]
+        chunk = min(self.chunk_size, length)
+        # Elements one token adds to a group's intermediates: its scores within its chunk,
+        # its share of the chunk states, its features.
+        per_token = q.shape[0] * q.shape[1] * (2 * chunk + -(-2 * head_dim * head_dim // chunk) + 8 * head_dim)
+        group = max(chunk, chunk_count(length, per_token) // chunk * chunk)
+        n_groups = -(-length // group)
+        q_src, k_src, v_src = (ChunkSource(t) for t in (q, k, v))
+
+        def keys(start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
+            phi_k = feature_map(k_src.narrow(-2, start, stop - start))
+            if key_padding_mask is not None:
+                phi_k = phi_k * key_padding_mask[:, None, start:stop, None].to(phi_k.dtype)
+            _, rotated_k = Attention.transform_qk(self, phi_k, phi_k, positions[..., start:stop])
+            return rotated_k, phi_k, v_src.narrow(-2, start, stop - start).float()
+
+        def group_state(first: int, last: int) -> Tensor:  # (b, h, 1, hd, hd + 1): [S | z] of group ``first``
+            rotated_k, phi_k, values = keys(first * group, min(length, last * group))
+            return torch.cat([rotated_k.transpose(-1, -2) @ values, phi_k.sum(dim=-2).unsqueeze(-1)], dim=-1).unsqueeze(2)
+
+        incoming = _exclusive_cumsum(recomputed_chunks(group_state, n_groups, 1, dim=2))  # (b, h, groups, hd, hd + 1)
+
+        def group_out(first: int, last: int) -> Tensor:
+            start, stop = first * group, min(length, last * group)
+            phi_q = feature_map(q_src.narrow(-2, start, stop - start))
+            rotated_q, _ = Attention.transform_qk(self, phi_q, phi_q, positions[..., start:stop])
+            rotated_k, phi_k, values = keys(start, stop)
+            if rotated_q is phi_q and rotated_k is phi_k:  # no transform: one set of features, as _causal_sums expects
+                rotated_q, rotated_k = phi_q, phi_k
+            numerator, denominator = self._causal_sums(rotated_q, rotated_k, phi_q, phi_k, values)
+            carried = incoming[:, :, first]
+            numerator = numerator + rotated_q @ carried[..., :head_dim]
+            denominator = denominator + (phi_q @ carried[..., head_dim:]).squeeze(-1)
+            return (numerator / (denominator.unsqueeze(-1) + self.eps)).to(v.dtype)
+
+        return recomputed_chunks(group_out, n_groups, 1, dim=-2)
 
     def _causal_sums(
         self, rotated_q: Tensor, rotated_k: Tensor, phi_q: Tensor, phi_k: Tensor, values: Tensor

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from plugformer import Attention, AttentionState, BuildContext, Capabilities, Component, bounds
-from plugformer.attention import chunk_count, recomputed_chunks
+from plugformer.attention import ChunkSource, chunk_count, recomputed_chunks
 from plugformer_plugins.attention.linear import RecurrentState
 
 
@@ -176,6 +176,8 @@ class PerformerAttention(Attention):
     ) -> Tensor:
         if not self.causal:
             return self._bidirectional(q, k, v, key_padding_mask)
+        if state is None and q.shape[-2] == k.shape[-2]:
+            return self._causal_grouped(q, k, v, key_padding_mask)
         phi_q, phi_k = self.feature_maps(q, k, key_padding_mask)
         values = v.to(phi_q.dtype)
         if self.causal:
@@ -189,6 +191,43 @@ class PerformerAttention(Attention):
         # A query that sees no (non-underflowed) key has numerator and denominator 0: output 0.
         tiny = torch.finfo(denominator.dtype).tiny
         return (numerator / denominator.clamp_min(tiny).unsqueeze(-1)).to(v.dtype)
+
+    def _causal_grouped(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        """Causal FAVOR+ of a whole sequence in groups of whole chunks through
+        :func:`recomputed_chunks` (as ``linear``'s): every group's state [Σφ(k)vᵀ | Σφ(k)],
+        then each group's chunkwise sums (:func:`causal_sums`) plus the earlier groups' states
+        carried in. Causal features depend only on their own token, so computing them per
+        group is exact; memory is linear in the length with one group's constant."""
+        length, head_dim = q.shape[-2], v.shape[-1]
+        chunk = min(self.chunk_size, length)
+        m = self.num_features
+        per_token = q.shape[0] * q.shape[1] * (2 * chunk + -(-2 * m * head_dim // chunk) + 4 * m + 4 * head_dim)
+        group = max(chunk, chunk_count(length, per_token) // chunk * chunk)
+        n_groups = -(-length // group)
+        q_src, k_src, v_src = (ChunkSource(t) for t in (q, k, v))
+
+        def features(start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
+            mask = None if key_padding_mask is None else key_padding_mask[:, start:stop]
+            phi_q, phi_k = self.feature_maps(q_src.narrow(-2, start, stop - start), k_src.narrow(-2, start, stop - start), mask)
+            return phi_q, phi_k, v_src.narrow(-2, start, stop - start).to(phi_q.dtype)
+
+        def group_state(first: int, last: int) -> Tensor:  # (b, h, 1, m, hd + 1) of group ``first``
+            _, phi_k, values = features(first * group, min(length, last * group))
+            return torch.cat([phi_k.transpose(-1, -2) @ values, phi_k.sum(dim=-2).unsqueeze(-1)], dim=-1).unsqueeze(2)
+
+        incoming = _exclusive_cumsum(recomputed_chunks(group_state, n_groups, 1, dim=2))  # (b, h, groups, m, hd + 1)
+
+        def group_out(first: int, last: int) -> Tensor:
+            phi_q, phi_k, values = features(first * group, min(length, last * group))
+            numerator, denominator = causal_sums(phi_q, phi_k, values, self.chunk_size)
+            carried = incoming[:, :, first]
+            numerator = numerator + phi_q @ carried[..., :head_dim]
+            denominator = denominator + (phi_q @ carried[..., head_dim:]).squeeze(-1)
+            # A query that sees no (non-underflowed) key has numerator and denominator 0: output 0.
+            tiny = torch.finfo(denominator.dtype).tiny
+            return (numerator / denominator.clamp_min(tiny).unsqueeze(-1)).to(v.dtype)
+
+        return recomputed_chunks(group_out, n_groups, 1, dim=-2)
 
     def _bidirectional(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         """The same FAVOR+ sums as :meth:`feature_maps` + attend, chunk by chunk through
