@@ -12,6 +12,7 @@ length: the causal prefix sums run chunk by chunk (see :class:`LinearAttention`)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -167,7 +168,11 @@ class LinearAttention(Attention):
         # Elements one token adds to a group's intermediates: its scores within its chunk,
         # its share of the chunk states, its features.
         per_token = q.shape[0] * q.shape[1] * (2 * chunk + -(-2 * head_dim * head_dim // chunk) + 8 * head_dim)
-        group = max(chunk, chunk_count(length, per_token) // chunk * chunk)
+        # The carried states (one per group) and one group's intermediates trade off: groups of
+        # about √(length · state / per_token) tokens minimise their sum (both then grow as √length).
+        state = q.shape[0] * q.shape[1] * head_dim * (head_dim + 1)
+        balanced = round(math.sqrt(length * state / per_token) / chunk) * chunk
+        group = max(chunk, balanced, chunk_count(length, per_token) // chunk * chunk)
         n_groups = -(-length // group)
         q_src, k_src, v_src = (ChunkSource(t) for t in (q, k, v))
 
@@ -182,7 +187,7 @@ class LinearAttention(Attention):
             rotated_k, phi_k, values = keys(first * group, min(length, last * group))
             return torch.cat([rotated_k.transpose(-1, -2) @ values, phi_k.sum(dim=-2).unsqueeze(-1)], dim=-1).unsqueeze(2)
 
-        incoming = _exclusive_cumsum(recomputed_chunks(group_state, n_groups, 1, dim=2))  # (b, h, groups, hd, hd + 1)
+        incoming = ChunkSource(_exclusive_cumsum(recomputed_chunks(group_state, n_groups, 1, dim=2)))  # (b, h, groups, hd, hd + 1)
 
         def group_out(first: int, last: int) -> Tensor:
             start, stop = first * group, min(length, last * group)
@@ -192,7 +197,7 @@ class LinearAttention(Attention):
             if rotated_q is phi_q and rotated_k is phi_k:  # no transform: one set of features, as _causal_sums expects
                 rotated_q, rotated_k = phi_q, phi_k
             numerator, denominator = self._causal_sums(rotated_q, rotated_k, phi_q, phi_k, values)
-            carried = incoming[:, :, first]
+            carried = incoming.narrow(2, first, 1).squeeze(2)  # no full-size slice gradient per group
             numerator = numerator + rotated_q @ carried[..., :head_dim]
             denominator = denominator + (phi_q @ carried[..., head_dim:]).squeeze(-1)
             return (numerator / (denominator.unsqueeze(-1) + self.eps)).to(v.dtype)

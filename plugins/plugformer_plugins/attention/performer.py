@@ -202,7 +202,11 @@ class PerformerAttention(Attention):
         chunk = min(self.chunk_size, length)
         m = self.num_features
         per_token = q.shape[0] * q.shape[1] * (2 * chunk + -(-2 * m * head_dim // chunk) + 4 * m + 4 * head_dim)
-        group = max(chunk, chunk_count(length, per_token) // chunk * chunk)
+        # The carried states (one per group) and one group's intermediates trade off: groups of
+        # about √(length · state / per_token) tokens minimise their sum (both then grow as √length).
+        state = q.shape[0] * q.shape[1] * m * (head_dim + 1)
+        balanced = round(math.sqrt(length * state / per_token) / chunk) * chunk
+        group = max(chunk, balanced, chunk_count(length, per_token) // chunk * chunk)
         n_groups = -(-length // group)
         q_src, k_src, v_src = (ChunkSource(t) for t in (q, k, v))
 
@@ -215,12 +219,12 @@ class PerformerAttention(Attention):
             _, phi_k, values = features(first * group, min(length, last * group))
             return torch.cat([phi_k.transpose(-1, -2) @ values, phi_k.sum(dim=-2).unsqueeze(-1)], dim=-1).unsqueeze(2)
 
-        incoming = _exclusive_cumsum(recomputed_chunks(group_state, n_groups, 1, dim=2))  # (b, h, groups, m, hd + 1)
+        incoming = ChunkSource(_exclusive_cumsum(recomputed_chunks(group_state, n_groups, 1, dim=2)))  # (b, h, groups, m, hd + 1)
 
         def group_out(first: int, last: int) -> Tensor:
             phi_q, phi_k, values = features(first * group, min(length, last * group))
             numerator, denominator = causal_sums(phi_q, phi_k, values, self.chunk_size)
-            carried = incoming[:, :, first]
+            carried = incoming.narrow(2, first, 1).squeeze(2)  # no full-size slice gradient per group
             numerator = numerator + phi_q @ carried[..., :head_dim]
             denominator = denominator + (phi_q @ carried[..., head_dim:]).squeeze(-1)
             # A query that sees no (non-underflowed) key has numerator and denominator 0: output 0.
