@@ -26,6 +26,7 @@ What is cached where (all under the dataset cache, ``paths.data_dir``):
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,11 +243,25 @@ class RetroTextTask(TextTask):
                  "neighbours": neighbours, "neighbour_ids": found.reshape(blocks.num_rows, per_block, k).astype(np.int32)},
                 features=features,
             )
-        record = self.index_folder() / "retrieval.json"
-        saved = json.loads(record.read_text()) if record.is_file() else {}
-        saved[parameters_key(self.cache_key())] = {"random_neighbours": c.random_neighbours, "k": k, **self.retrieval}
-        record.write_text(json.dumps(saved, indent=2) + "\n")
+        self._record_retrieval()
         return DatasetDict(splits)
+
+    def _record_retrieval(self) -> None:
+        """Add this neighbour set's search times to ``retrieval.json`` beside the index, under
+        the index's lock and through a rename (several runs may prepare at once)."""
+        folder = self.index_folder()
+        record = folder / "retrieval.json"
+        with FileLock(str(folder) + ".lock"):
+            try:
+                saved = json.loads(record.read_text()) if record.is_file() else {}
+            except ValueError:
+                saved = {}  # a damaged record is only timing information: start it again
+            saved[parameters_key(self.cache_key())] = {
+                "random_neighbours": self.config.random_neighbours, "k": self.config.neighbours, **self.retrieval,
+            }
+            staging = folder / f".retrieval.{os.getpid()}.tmp"
+            staging.write_text(json.dumps(saved, indent=2) + "\n")
+            os.replace(staging, record)
 
     def prepare(self) -> None:
         if self.splits is None:
