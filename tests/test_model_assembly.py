@@ -295,6 +295,7 @@ def test_a_hybrid_plan_trains_from_the_command_line(tmp_path: Path) -> None:
     ]
     summary = read_summary(run_dir)
     assert summary["status"] == "finished" and summary["layers"] == {"decoder": expected}
+    assert summary["components"]["attention"] == "local+full" and summary["components"]["ffn"] == "mlp+glu"
     import yaml
 
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["resolved_layers"] == {"decoder": expected}
@@ -303,3 +304,16 @@ def test_a_hybrid_plan_trains_from_the_command_line(tmp_path: Path) -> None:
     record = json.loads(inspected.stdout)
     assert record["config"]["resolved_layers"] == {"decoder": expected}
     assert {"attention:local", "attention:full", "ffn:glu"} <= set(record["tags"])
+
+
+def test_a_plan_names_the_components_its_layers_use_not_the_groups_defaults() -> None:
+    from plugformer.compare import Run
+    from plugformer.model.plan import components_in_use
+
+    layers = {"encoder": [{"attention": "linformer", "ffn": "mlp"}, {"attention": "linformer", "ffn": "glu"}]}
+    chosen = {"attention": "full", "ffn": "mlp", "norm": "rmsnorm"}
+    assert components_in_use(chosen, layers) == {"attention": "linformer", "ffn": "mlp+glu", "norm": "rmsnorm"}
+    assert components_in_use(chosen, {}) == chosen
+    # A summary written before summary.json named the planned components compares by its layers.
+    old = Run(path=Path("old"), config={}, summary={"components": chosen, "layers": layers})
+    assert old.components["attention"] == "linformer"

@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from plugformer.compare_plots import plot_curves, plot_evaluations
 from plugformer.compare_table import format_value, print_table, write_csv, write_markdown
 from plugformer.errors import PlugformerError
+from plugformer.model.plan import components_in_use
 
 # The names training.run writes; repeated here so that comparing runs does not import
 # Lightning and torch's training stack.
@@ -79,7 +80,9 @@ class Run:
 
     @property
     def components(self) -> dict[str, str]:
-        return dict(self.summary.get("components") or {})
+        """Kind → the component the run used (layer-planned slots named by their layers,
+        also for summaries written before summary.json said so)."""
+        return components_in_use(dict(self.summary.get("components") or {}), self.summary.get("layers") or {})
 
     def final_metrics(self) -> dict[str, float]:
         """The summary's final metrics; without a summary, the last logged value of each."""

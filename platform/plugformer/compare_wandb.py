@@ -62,7 +62,7 @@ def _summary(wandb_summary: dict[str, Any], tags: Iterable[str], state: str | No
     for tag in tags:
         kind, _, name = str(tag).partition(":")
         if name and (f"model.{kind}.name" in config or f"{kind}.name" in config):
-            components.setdefault(kind, name)  # the chosen component's tag comes first
+            components[kind] = f"{components[kind]}+{name}" if kind in components else name  # a hybrid plan's layers
     summary["components"] = components
     return summary
 

@@ -68,6 +68,21 @@ class ModelPlan:
         return [layer for layers in self.stacks.values() for layer in layers]
 
 
+def components_in_use(components: dict[str, str], layers: dict[str, list[dict[str, str]]]) -> dict[str, str]:
+    """The component of each kind a run really used: ``components`` (kind → the group's
+    chosen name) with every slot the layers fill replaced by the names its layers use, in
+    layer order, joined by ``+`` (``short_conv+full`` for a hybrid). A plan that gives every
+    layer ``linformer`` makes the attention ``linformer``, not the group's default."""
+    used: dict[str, list[str]] = {}
+    for stack in layers.values():
+        for layer in stack:
+            for slot, name in layer.items():
+                names = used.setdefault(slot, [])
+                if name not in names:
+                    names.append(name)
+    return {**components, **{slot: "+".join(names) for slot, names in used.items()}}
+
+
 def stack_sizes(model_cfg: DictConfig, architecture: str) -> dict[str, int]:
     """Layers per stack: "decoder" or "encoder" alone, or both for an encoder–decoder."""
     names = {"decoder": ["decoder"], "encoder": ["encoder"], "encoder_decoder": ["encoder", "decoder"]}[architecture]

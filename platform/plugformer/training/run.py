@@ -23,6 +23,7 @@ from plugformer.config import optim_config
 from plugformer.errors import ConfigError, PluginError
 from plugformer.memory import InsufficientMemoryError, check_memory
 from plugformer.model.builder import check_components, choose_components, chosen_techniques
+from plugformer.model.plan import components_in_use
 from plugformer.plugins import Plugins, blame_component, call_hook
 from plugformer.provenance import PROVIDERS_KEY, component_providers
 from plugformer.resume import CheckpointInfo, check_matches_checkpoint, read_checkpoint
@@ -72,10 +73,10 @@ class RunState:
 
 
 def component_tags(chosen: dict[str, Chosen], techniques: dict[str, Chosen], layers: dict[str, Any]) -> list[str]:
-    """``kind:name`` for every chosen component and every component a layer plan adds."""
-    tags = [f"{kind}:{c.name}" for kind, c in chosen.items()]
-    planned = [f"{slot}:{name}" for stack in layers.values() for layer in stack for slot, name in layer.items()]
-    tags += [tag for tag in dict.fromkeys(planned) if tag not in tags]
+    """``kind:name`` for every component the run uses (a slot that a layer plan fills is
+    tagged with its layers' components, not the group's unused default), then techniques."""
+    in_use = components_in_use({kind: c.name for kind, c in chosen.items()}, layers)
+    tags = [f"{kind}:{name}" for kind, names in in_use.items() for name in names.split("+")]
     return tags + [f"technique:{name}" for name in techniques]
 
 
@@ -325,7 +326,7 @@ def build_summary(state: RunState, plugins: Plugins, status: str, error: str | N
         "experiment": state.cfg.get("experiment_name"),
         "run_id": state.run_id,
         "run_dir": str(state.run_dir),
-        "components": state.components,
+        "components": components_in_use(state.components, state.plan or {}),
         "layers": state.plan,
         "providers": state.providers,
         "metrics": metrics,
