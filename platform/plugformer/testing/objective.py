@@ -117,8 +117,12 @@ def _data_batch(objective: Component, config: Any, data: Component | str | None,
     data_config = data_config if data_config is not None else small_data_config(data)
     task = build_data_task(data, data_config, cache_dir)
     batch = next(iter(task.val_dataloader()))
-    batch = {key: value[:rows] for key, value in batch.items()}
-    return data.qualified_name, batch, dict(task.facts), task.vocab_size, task.max_length
+    return data.qualified_name, _first_rows(batch, rows), dict(task.facts), task.vocab_size, task.max_length
+
+
+def _first_rows(batch: dict[str, Any], rows: int) -> dict[str, Any]:
+    """The batch cut to its first ``rows`` examples, nested dicts (a task's ``extras``) included."""
+    return {key: _first_rows(value, rows) if isinstance(value, dict) else value[:rows] for key, value in batch.items()}
 
 
 def _loss(objective: Objective, model: KitModel, batch: dict[str, Tensor], hidden: Tensor | None = None) -> Tensor:
