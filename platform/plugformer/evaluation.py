@@ -30,6 +30,34 @@ EVAL_FILE = "eval.json"
 SPLITS = ("train", "validation", "test")
 
 
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Within the block, Lightning's start-up notes (accelerators, tips, batch limits) and
+    the datasets progress bars are silenced: they say nothing about an evaluation; warnings
+    stay. On exit the Lightning logger levels, the warnings filters and the datasets
+    progress-bar switch are as they were, so a later ``train()`` in the same process still
+    writes Lightning's notices to train.log."""
+    import datasets
+
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning")]
+    levels = [logger.level for logger in loggers]
+    bars_were_disabled = datasets.are_progress_bars_disabled()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        if not bars_were_disabled:
+            datasets.disable_progress_bars()
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+            if not bars_were_disabled and datasets.are_progress_bars_disabled():
+                datasets.enable_progress_bars()
+
+
+@quiet_libraries()
 def evaluate(
     run_dir: str | Path,
     overrides: Sequence[str] = (),
@@ -43,24 +71,8 @@ def evaluate(
     """Evaluate the run in ``run_dir`` on ``split`` of its data task with ``overrides``
     (``data.<option>=<value>``); returns the entry written to ``eval.json``: the metrics
     (``loss``, ``perplexity`` and the objective's), the evaluated and trained lengths, the
-    number of batches and the time taken. ``track``: also log to the run's W&B run."""
-    with quiet_libraries():
-        return _evaluate(
-            run_dir, overrides, split=split, checkpoint=checkpoint, limit_batches=limit_batches,
-            allow_untrained_positions=allow_untrained_positions, track=track,
-        )
-
-
-def _evaluate(
-    run_dir: str | Path,
-    overrides: Sequence[str] = (),
-    *,
-    split: str = "validation",
-    checkpoint: str = "best",
-    limit_batches: int | None = None,
-    allow_untrained_positions: bool = False,
-    track: bool = True,
-) -> dict[str, Any]:
+    number of batches and the time taken. ``track``: also log to the run's W&B run. Library
+    noise is quiet while it runs (:func:`quiet_libraries`)."""
     import lightning.pytorch as pl
 
     from plugformer.api import load_run
@@ -111,33 +123,6 @@ def _evaluate(
 
         log_evaluation(run.cfg, run.run_dir, entry, step=int(run.summary.get("global_step", 0)) + count)
     return entry
-
-
-@contextmanager
-def quiet_libraries() -> Iterator[None]:
-    """Within the block, Lightning's start-up notes (accelerators, tips, batch limits) and
-    the datasets progress bars are silenced: they say nothing about an evaluation; warnings
-    stay. On exit the Lightning logger levels, the warnings filters and the datasets
-    progress-bar switch are as they were, so a later ``train()`` in the same process still
-    writes Lightning's notices to train.log."""
-    import datasets
-
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning")]
-    levels = [logger.level for logger in loggers]
-    bars_were_disabled = datasets.are_progress_bars_disabled()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-        if not bars_were_disabled:
-            datasets.disable_progress_bars()
-        for logger in loggers:
-            logger.setLevel(logging.WARNING)
-        try:
-            yield
-        finally:
-            for logger, level in zip(loggers, levels):
-                logger.setLevel(level)
-            if not bars_were_disabled and datasets.are_progress_bars_disabled():
-                datasets.enable_progress_bars()
 
 
 def split_overrides(overrides: Sequence[str]) -> tuple[list[str], dict[str, dict[str, Any]]]:
