@@ -130,5 +130,7 @@ def test_chunk_count_bounds() -> None:
     assert chunk_count(100, 10, budget=35) == 3
     assert chunk_count(100, 1000, budget=35) == 1  # at least one item
     assert chunk_count(5, 1, budget=1000) == 5  # at most all of them
+    # The budget is per (batch, head) slice: 8 slices, each item 8× larger, the same chunk length.
+    assert chunk_count(100, 8 * 10, slices=8, budget=35) == 3
     with pytest.raises(ValueError, match="step ≥ 1"):
         recomputed_chunks(lambda a, b: torch.zeros(1), 3, 0, dim=0)

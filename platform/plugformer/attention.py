@@ -116,15 +116,23 @@ def repeat_kv(x: Tensor, n_heads: int) -> Tensor:
     return x if kv_heads == n_heads else x.repeat_interleave(n_heads // kv_heads, dim=1)
 
 
-#: Elements of one chunk's score tensor that :func:`chunk_count` aims for (512 KiB in float32).
-CHUNK_ELEMENTS = 2**17
+#: Elements of one chunk's largest intermediate per (batch, head) slice that
+#: :func:`chunk_count` aims for: 2¹⁵, so 512 KiB in float32 at batch 1 with 4 heads.
+CHUNK_ELEMENTS = 2**15
 
 
-def chunk_count(total: int, elements_per_item: int, budget: int | None = None) -> int:
+def chunk_count(total: int, elements_per_item: int, *, slices: int = 1, budget: int | None = None) -> int:
     """Items per chunk so that a chunk's largest intermediate (``elements_per_item`` per item,
-    e.g. the scores of one block of queries) stays near ``budget`` elements (default:
-    :data:`CHUNK_ELEMENTS`, read at each call so tests can lower it); at least 1."""
-    budget = CHUNK_ELEMENTS if budget is None else budget
+    counted over all its slices, e.g. the scores of one block of queries for every batch
+    row and head) stays near ``budget`` elements per slice (default :data:`CHUNK_ELEMENTS`,
+    read at each call so tests can lower it); at least 1, at most ``total``.
+
+    ``slices`` is the number of independent (batch, head) slices the chunk computes at once.
+    The budget grows with it, so a chunk covers the same stretch of the sequence whatever
+    the batch size: each chunk costs a fixed overhead (a checkpoint, a few dozen kernel
+    calls), which a training batch of 64 rows × 4 heads would otherwise pay for chunks of
+    one or two tokens. A chunk's memory then grows with the batch, as every activation does."""
+    budget = (CHUNK_ELEMENTS if budget is None else budget) * max(1, slices)
     return max(1, min(total, budget // max(1, elements_per_item)))
 
 

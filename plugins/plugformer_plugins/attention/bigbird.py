@@ -133,7 +133,7 @@ class BigBirdAttention(Attention):
                     q_src.narrow(-2, first, last - first), k_src, v_src, allowed, positions[:, first:last], positions
                 )
 
-            step = chunk_count(global_rows, q[..., :1, :1].numel() * k.shape[-2])
+            step = chunk_count(global_rows, q[..., :1, :1].numel() * k.shape[-2], slices=q[..., :1, :1].numel())
             outputs.append(recomputed_chunks(global_chunk, global_rows, step, dim=-2))
         if n_blocks > g:
             outputs.append(self._attend_sparse(*sources, valid, positions, n_blocks, g))
@@ -180,7 +180,7 @@ class BigBirdAttention(Attention):
             )
 
         # A few query blocks at a time, recomputed in backward: no gathered keys or scores kept.
-        step = chunk_count(m, q.shape[0] * q.shape[1] * b * b * slots.shape[-1])
+        step = chunk_count(m, q.shape[0] * q.shape[1] * b * b * slots.shape[-1], slices=q.shape[0] * q.shape[1])
         return recomputed_chunks(chunk, m, step, dim=-3).flatten(-3, -2)
 
     def _draw(self, n_blocks: int, device: torch.device) -> tuple[Tensor, Tensor]:

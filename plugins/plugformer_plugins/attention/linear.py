@@ -136,7 +136,8 @@ class LinearAttention(Attention):
         rφ(q_i)ᵀS / (φ(q_i)ᵀz + eps); both through :func:`recomputed_chunks`, so the
         (length × head_dim) features are never kept for the backward pass."""
         length, k_length, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
-        rows = chunk_count(length, q[..., :1, :].numel())  # feature-sized rows
+        slices = q[..., :1, :1].numel()
+        rows = chunk_count(length, q[..., :1, :].numel(), slices=slices)  # feature-sized rows
 
         def key_sums(start: int, stop: int) -> Tensor:  # (b, h, hd, hd + 1): [S | z]
             phi_k = feature_map(k[..., start:stop, :])
@@ -145,7 +146,7 @@ class LinearAttention(Attention):
             _, rotated_k = Attention.transform_qk(self, phi_k, phi_k, k_positions[..., start:stop])
             return torch.cat([rotated_k.transpose(-1, -2) @ v[..., start:stop, :].float(), phi_k.sum(dim=-2).unsqueeze(-1)], dim=-1)
 
-        sums = recomputed_chunks(key_sums, k_length, chunk_count(k_length, k[..., :1, :].numel()), dim=None)
+        sums = recomputed_chunks(key_sums, k_length, chunk_count(k_length, k[..., :1, :].numel(), slices=slices), dim=None)
         kv, z = sums[..., :head_dim], sums[..., head_dim:]
 
         def queries(start: int, stop: int) -> Tensor:
@@ -172,7 +173,7 @@ class LinearAttention(Attention):
         # about √(length · state / per_token) tokens minimise their sum (both then grow as √length).
         state = q.shape[0] * q.shape[1] * head_dim * (head_dim + 1)
         balanced = round(math.sqrt(length * state / per_token) / chunk) * chunk
-        group = max(chunk, balanced, chunk_count(length, per_token) // chunk * chunk)
+        group = max(chunk, balanced, chunk_count(length, per_token, slices=q.shape[0] * q.shape[1]) // chunk * chunk)
         n_groups = -(-length // group)
         q_src, k_src, v_src = (ChunkSource(t) for t in (q, k, v))
 

@@ -115,7 +115,7 @@ class LinformerAttention(Attention):
 
         # Rows of queries a few at a time, recomputed in backward: the (n × k) scores are never kept.
         q_length = q.shape[-2]
-        return recomputed_chunks(queries, q_length, chunk_count(q_length, q[..., :1, :1].numel() * projected_k.shape[-2]), dim=-2)
+        return recomputed_chunks(queries, q_length, chunk_count(q_length, q[..., :1, :1].numel() * projected_k.shape[-2], slices=q[..., :1, :1].numel()), dim=-2)
 
 
 def _xavier(shape: tuple[int, ...]) -> Tensor:

@@ -178,8 +178,8 @@ class SlidingWindowAttention(Attention):
         ahead = 0 if self.causal else block  # bidirectional windows also reach into the next block
         span = 2 * block + ahead
         keys = span + (0 if extra is None else extra.keys.shape[-2])
-        per_block = math.prod(q.shape[:-2]) * block * keys  # score elements of one block of queries
-        step = chunk_count(n_blocks, per_block)
+        slices = math.prod(q.shape[:-2])
+        step = chunk_count(n_blocks, slices * block * keys, slices=slices)  # score elements of one block of queries
 
         def chunk(first: int, last: int) -> Tensor:
             return self._window_chunk(q, k, v, valid, positions, extra, first, last, block=block, ahead=ahead)

@@ -206,7 +206,7 @@ class PerformerAttention(Attention):
         # about √(length · state / per_token) tokens minimise their sum (both then grow as √length).
         state = q.shape[0] * q.shape[1] * m * (head_dim + 1)
         balanced = round(math.sqrt(length * state / per_token) / chunk) * chunk
-        group = max(chunk, balanced, chunk_count(length, per_token) // chunk * chunk)
+        group = max(chunk, balanced, chunk_count(length, per_token, slices=q.shape[0] * q.shape[1]) // chunk * chunk)
         n_groups = -(-length // group)
         q_src, k_src, v_src = (ChunkSource(t) for t in (q, k, v))
 
@@ -243,7 +243,7 @@ class PerformerAttention(Attention):
         w = self.features.to(dtype)
         half_norms = 0.5 * (w * w).sum(dim=-1)  # ‖w_f‖²/2, (m,)
         k_length, length, head_dim = k.shape[-2], q.shape[-2], v.shape[-1]
-        step = chunk_count(max(length, k_length), q[..., :1, :1].numel() * self.num_features * 2)
+        step = chunk_count(max(length, k_length), q[..., :1, :1].numel() * self.num_features * 2, slices=q[..., :1, :1].numel())
 
         def log_k(start: int, stop: int) -> Tensor:
             xk = k[..., start:stop, :].to(dtype) * scale

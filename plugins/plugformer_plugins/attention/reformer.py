@@ -207,7 +207,7 @@ class LSHAttention(Attention):
 
         # A few sorted chunks at a time, recomputed in backward: no round's sorted keys or
         # (slots × 2c) scores are kept, only its outputs.
-        step = chunk_count(n_chunks, batch * heads * c * 2 * c)
+        step = chunk_count(n_chunks, batch * heads * c * 2 * c, slices=batch * heads)
         packed = recomputed_chunks(chunk, n_chunks, step, dim=2).flatten(2, 3)
 
         slot_of_token = torch.empty_like(order).scatter_(-1, order, slot_sorted)

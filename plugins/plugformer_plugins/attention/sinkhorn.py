@@ -160,7 +160,7 @@ class SinkhornAttention(Attention):
             return out.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
 
         # Blocks of queries a few at a time, recomputed in backward: no (length × 2·block) scores kept.
-        step = chunk_count(n_blocks, batch * heads * block * max(2 * block, n_blocks))
+        step = chunk_count(n_blocks, batch * heads * block * max(2 * block, n_blocks), slices=batch * heads)
         # Every chunk reads all keys (a full-size copy for the matmul): at most 8 chunks, so
         # that work stays a small multiple of one pass instead of growing with n / block.
         step = max(step, -(-n_blocks // 8))

@@ -103,7 +103,7 @@ class FixedSparseAttention(SparseAttention):
             return out.masked_fill(~seen, 0.0)
 
         # A few query blocks at a time, recomputed in backward: no (n × (l + c·n/l)) scores kept.
-        step = chunk_count(n_blocks, q[..., :1, :1].numel() * l * (l + c * n_blocks))
+        step = chunk_count(n_blocks, q[..., :1, :1].numel() * l * (l + c * n_blocks), slices=q[..., :1, :1].numel())
         return recomputed_chunks(chunk, n_blocks, step, dim=-3).flatten(-3, -2)
 
 
