@@ -233,6 +233,34 @@ def test_tokens_only_see_the_neighbours_of_chunks_they_have_read() -> None:
             assert torch.allclose(block(perturbed, inputs(extras))[:, :t], reference[:, :t], atol=1e-6)
 
 
+def test_masked_neighbour_tokens_are_ignored_and_an_all_real_mask_equals_none() -> None:
+    m, length = 4, 12
+    block = build_block(m)
+    x = torch.randn(2, length, 16, generator=torch.Generator().manual_seed(3))
+    extras = neighbour_inputs(2, length, 3, seed=4)
+    tokens, mask = extras["retro_neighbours"], extras["retro_neighbours_mask"]
+    with torch.no_grad():
+        everything = block.cca(x, None, tokens, mask)
+        assert torch.equal(block.cca(x, None, tokens, None), everything)  # an all-True mask is no mask
+        mask = mask.clone()
+        mask[0, 1, 1, 3:] = False  # the tail of one neighbour
+        mask[1, 2] = False  # every neighbour of one chunk: its readers' attention gives zeros (output = out bias)
+        masked = block.cca(x, None, tokens, mask)
+        assert not torch.allclose(masked[0, m - 1 + m : m - 1 + 2 * m], everything[0, m - 1 + m : m - 1 + 2 * m], atol=1e-4)
+        readers = masked[1, m - 1 + 2 * m :]
+        assert torch.allclose(readers, block.cca.attention.out.bias.expand_as(readers), atol=1e-6)
+        assert not torch.allclose(everything[1, m - 1 + 2 * m :], readers, atol=1e-4)
+        scrambled = tokens.clone()
+        scrambled[~mask] = torch.randint(1, 30, (int((~mask).sum()),))
+        assert torch.allclose(block.cca(x, None, scrambled, mask), masked, atol=1e-6)  # masked tokens are never read
+        # Padded query positions (a key padding mask on the decoder) are not read by the encoder's cross-attention.
+        padding = torch.ones(2, length, dtype=torch.bool)
+        padding[:, 10:] = False
+        changed = x.clone()
+        changed[:, 10:] = torch.randn(2, 2, 16)
+        assert torch.allclose(block.cca(changed, padding, tokens, mask)[:, : length - 2], block.cca(x, padding, tokens, mask)[:, : length - 2], atol=1e-6)
+
+
 class LeakyCCA(retro_block.ChunkedCrossAttention):
     """Chunk u's own tokens read chunk u's neighbours (no shift by m - 1), encoded with the
     chunk's activations: tokens see what was retrieved and encoded from tokens after them."""

@@ -52,12 +52,22 @@ class RetroBlockConfig(StandardBlockConfig):
     neighbour_length: Optional[int] = field(default=None, metadata=bounds(ge=1))  # r; None: 2 · chunk_size
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, dropout: float) -> Tensor:
-    """Softmax attention (…, heads, Lq, d) over keys ``allowed`` (…, 1 or heads, Lq, Lk); a
-    query that may see no key gets zeros."""
+def _attend(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], dropout: float) -> Tensor:
+    """Softmax attention (n, heads, Lq, d) over keys (n, heads, Lk, d); ``key_mask`` (n, Lk)
+    True for real keys, or None when every key is real (then SDPA needs no mask at all). A
+    query whose keys are all masked gets zeros."""
+    if key_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+    # One mask row per example, broadcast over heads and queries (never n × Lq × Lk).
+    allowed = key_mask[:, None, None, :]
     any_key = allowed.any(-1, keepdim=True)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~any_key, dropout_p=dropout)
     return out * any_key.to(out.dtype)
+
+
+def _all_real(mask: Optional[Tensor]) -> Optional[Tensor]:
+    """``mask`` unless it masks nothing (then None: attention takes its unmasked path)."""
+    return None if mask is None or bool(mask.all()) else mask
 
 
 class MultiHeadAttention(nn.Module):
@@ -75,13 +85,12 @@ class MultiHeadAttention(nn.Module):
         self.kv = nn.Linear(d_model, 2 * d_model)
         self.out = mark_residual_projection(nn.Linear(d_model, d_model))
 
-    def forward(self, x: Tensor, memory: Tensor, memory_mask: Tensor) -> Tensor:
-        """x (n, Lq, d), memory (n, Lk, d), memory_mask (n, Lk) True for real keys."""
+    def forward(self, x: Tensor, memory: Tensor, memory_mask: Optional[Tensor]) -> Tensor:
+        """x (n, Lq, d), memory (n, Lk, d), memory_mask (n, Lk) True for real keys (None: all)."""
         heads = lambda t: t.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)  # noqa: E731
         q = heads(self.q(x))
         k, v = (heads(t) for t in self.kv(memory).chunk(2, dim=-1))
-        allowed = memory_mask[:, None, None, :].expand(-1, 1, x.shape[1], -1)
-        out = _attend(q, k, v, allowed, self.dropout if self.training else 0.0)
+        out = _attend(q, k, v, memory_mask, self.dropout if self.training else 0.0)
         return self.out(out.transpose(1, 2).flatten(2))
 
 
@@ -97,10 +106,17 @@ class EncoderLayer(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), mark_residual_projection(nn.Linear(4 * d_model, d_model)))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, mask: Tensor, chunk: Tensor, chunk_mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Optional[Tensor], chunk: Tensor, chunk_mask: Optional[Tensor]) -> Tensor:
+        """x (n·k, r, d): the k neighbours of each of n chunks; mask (n·k, r) or None; chunk
+        (n, m, d) and chunk_mask (n, m) or None: the chunk those neighbours were retrieved for."""
         h = self.norms[0](x)
         x = x + self.drop(self.self_attention(h, h, mask))
-        x = x + self.drop(self.cross_attention(self.norms[1](x), chunk, chunk_mask))
+        # Every token of chunk i's k neighbours attends to the same keys (chunk i's m tokens):
+        # one query sequence of k·r tokens per chunk, so the chunk's keys and values are
+        # projected once, not once per neighbour.
+        n = chunk.shape[0]
+        queries = self.norms[1](x).reshape(n, -1, x.shape[-1])
+        x = x + self.drop(self.cross_attention(queries, chunk, chunk_mask).view_as(x))
         return x + self.drop(self.ffn(self.norms[2](x)))
 
 
@@ -114,16 +130,16 @@ class NeighbourEncoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(d_model, n_heads, dropout) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, tokens: Tensor, mask: Tensor, chunk: Tensor, chunk_mask: Tensor) -> Tensor:
-        """tokens, mask (n, k, r); chunk (n, m, d); chunk_mask (n, m) → (n, k·r, d)."""
+    def forward(self, tokens: Tensor, mask: Optional[Tensor], chunk: Tensor, chunk_mask: Optional[Tensor]) -> Tensor:
+        """tokens, mask (n, k, r); chunk (n, m, d); chunk_mask (n, m) → (n, k·r, d). A mask of
+        None means every token is real."""
         n, k, r = tokens.shape
         x = self.embedding(tokens.flatten(0, 1)) + self.position.weight[:r].to(chunk.dtype)
         x = x.to(chunk.dtype)
-        chunk_k = chunk.repeat_interleave(k, dim=0)
-        chunk_mask_k = chunk_mask.repeat_interleave(k, dim=0)
-        flat_mask = mask.flatten(0, 1)
+        flat_mask = _all_real(mask.flatten(0, 1) if mask is not None else None)
+        chunk_mask = _all_real(chunk_mask)
         for layer in self.layers:
-            x = layer(x, flat_mask, chunk_k, chunk_mask_k)
+            x = layer(x, flat_mask, chunk, chunk_mask)
         return self.norm(x).view(n, k * r, -1)
 
 
@@ -147,13 +163,17 @@ class ChunkedCrossAttention(nn.Module):
                 f"for {length} tokens in chunks of {m}"
             )
         neighbours = neighbours[:, :n]
-        neighbours_mask = neighbours_mask[:, :n] if neighbours_mask is not None else torch.ones_like(neighbours, dtype=torch.bool)
-        real = mask if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=h.device)
+        neighbours_mask = _all_real(neighbours_mask[:, :n] if neighbours_mask is not None else None)
         pad = n * m - length
         chunks = F.pad(h, (0, 0, 0, pad)).view(batch * n, m, d)  # H_u
-        chunk_mask = F.pad(real, (0, pad), value=False).view(batch * n, m)
-        encoded = self.encoder(neighbours.flatten(0, 1), neighbours_mask.flatten(0, 1), chunks, chunk_mask)  # (B·n, k·r, d)
-        memory_mask = neighbours_mask.flatten(0, 1).reshape(batch * n, -1)
+        if mask is None and not pad:
+            chunk_mask = None
+        else:
+            real = mask if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=h.device)
+            chunk_mask = F.pad(real, (0, pad), value=False).view(batch * n, m)
+        flat_mask = neighbours_mask.flatten(0, 1) if neighbours_mask is not None else None
+        encoded = self.encoder(neighbours.flatten(0, 1), flat_mask, chunks, chunk_mask)  # (B·n, k·r, d)
+        memory_mask = flat_mask.reshape(batch * n, -1) if flat_mask is not None else None
         # Queries: positions m−1 … L−1, chunk u of them attends to E_u.
         shifted = h[:, m - 1 :]
         shifted_length = shifted.shape[1]
