@@ -13,7 +13,13 @@ from torch import Tensor
 
 from conftest import small_context
 from plugformer.testing import check_component
-from plugformer_plugins.attention.sinkhorn import SinkhornAttention, SinkhornConfig, sinkhorn
+from plugformer_plugins.attention.sinkhorn import (
+    SinkhornAttention,
+    SinkhornConfig,
+    _DensePermutation,
+    _normalised_logits,
+    sinkhorn,
+)
 
 
 def build(seed: int = 0, n_kv_heads: int | None = None, **options) -> SinkhornAttention:
@@ -45,7 +51,7 @@ def test_a_hard_block_permutation_is_attention_to_the_own_and_the_permuted_block
     n_blocks = 5
     target = torch.tensor([3, 0, 4, 1, 2])  # block i attends to block target[i]; no fixed point
     module = build(block_size=block)
-    module.sort_blocks = lambda k, real: torch.eye(n_blocks, dtype=k.dtype)[target].expand(2, 4, -1, -1)
+    module.soft_permutation = lambda k, real: _DensePermutation(torch.eye(n_blocks, dtype=k.dtype)[target].expand(2, 4, -1, -1))
     q, k, v = inputs(length)
     mask = padding(length)
     block_of = torch.arange(length) // block
@@ -93,6 +99,35 @@ def test_the_soft_permutation_matches_a_slot_by_slot_reference(block: int, lengt
     mask = padding(length) if length > 12 else torch.ones(2, length, dtype=torch.bool)
     real = mask[:, None, :, None]
     torch.testing.assert_close(attend(module, q, k, v, mask) * real, loop_reference(module, q, k, v, mask) * real)
+
+
+@pytest.mark.parametrize("gumbel", [False, True])
+def test_the_row_by_row_permutation_has_the_gradients_of_autograd_through_the_dense_rounds(gumbel: bool, monkeypatch) -> None:
+    """attend forms P a chunk of rows at a time from the Sinkhorn offsets (their own backward);
+    the reference runs sinkhorn() on the whole logits under plain autograd."""
+    monkeypatch.setattr("plugformer.attention.CHUNK_ELEMENTS", 16)  # many chunks
+    module = build(block_size=4, temperature=0.5, sinkhorn_iterations=4, gumbel_noise=gumbel).train()
+    q, k, v = (t.requires_grad_() for t in inputs(22))
+    mask = padding(22)
+    weights = torch.randn(2, 4, 22, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    factored = module.soft_permutation
+
+    def dense(k_blocks, real):
+        perm = factored(k_blocks, real)
+        x = _normalised_logits(perm.hidden.tensor, perm.w2, perm.noise, perm.temperature)
+        return _DensePermutation(sinkhorn(x, module.iterations))
+
+    results = []
+    for patch in (False, True):
+        if patch:
+            monkeypatch.setattr(module, "soft_permutation", dense)
+        torch.manual_seed(3)  # the same Gumbel noise
+        out = attend(module, q, k, v, mask)
+        params = [module.sort_w1, module.sort_b1, module.sort_w2]
+        results.append([out, *torch.autograd.grad((out * weights).sum(), [q, k, v, *params])])
+    assert results[0][-1].abs().sum() > 0  # the sorting network gets a gradient
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected)
 
 
 def test_sinkhorn_rows_sum_to_one_and_columns_converge() -> None:
