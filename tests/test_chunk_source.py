@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import torch
 
+import pytest
+
 from plugformer.attention import ChunkSource, recomputed_chunks
+from plugformer.chunk_source import strided_matmul
 
 
 def _run(use_source: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -14,6 +17,7 @@ def _run(use_source: bool) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(2, 3, 12, 4, dtype=torch.double, requires_grad=True)
     a = torch.randn(2, 3, 5, 12, dtype=torch.double)
     b = torch.randn(2, 3, 5, 4, dtype=torch.double)
+    c = torch.randn(2, 3, 3, 5, 4, dtype=torch.double)  # against each residue's 4 blocks
     index = torch.tensor([[0, 11, 11], [5, 6, 0]])
     rows = torch.tensor([[3, 3], [1, 10]])
     src = ChunkSource(x) if use_source else None
@@ -25,13 +29,14 @@ def _run(use_source: bool) -> tuple[torch.Tensor, torch.Tensor]:
             taken = src.take(2, index)
             picked = src.rows(rows)
             times = src.matmul(a) + src.matmul(b, transpose=True).sum(-1, keepdim=True)
-            column = blocked.narrow(2, 1, 1)
+            column = blocked.narrow(2, 1, 1) + blocked.matmul(c, transpose=True).sum((2, 3))[:, :, None, :, None]
         else:
             piece = x[..., start:stop, :]
             taken = x[:, :, index]
             picked = x.gather(-2, rows[:, None, :, None].expand(-1, 3, -1, 4))
             times = a @ x + (b @ x.transpose(-1, -2)).sum(-1, keepdim=True)
-            column = x.unflatten(-2, (4, 3)).transpose(-3, -2)[:, :, 1:2]
+            residues = x.unflatten(-2, (4, 3)).transpose(-3, -2)
+            column = residues[:, :, 1:2] + (c @ residues.transpose(-1, -2)).sum((2, 3))[:, :, None, :, None]
         total = taken.sum((2, 3)) + picked.sum(2) + times.sum(2) + column.sum((2, 3))
         return piece.tanh() * total[:, :, None, :]
 
@@ -54,3 +59,15 @@ def test_untracked_source_gives_plain_views() -> None:
         src = ChunkSource(x.requires_grad_())
         assert not src.tracked
         assert src.narrow(-2, 2, 3).data_ptr() == x[..., 2:5, :].data_ptr()
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 5), (1, 4, 8, 5), (3, 1, 8, 5)])
+def test_strided_matmul_of_a_permuted_view_equals_matmul(shape: tuple[int, ...]) -> None:
+    """The residue layout (b, h, residue, block, e) of a (b, h, n, e) tensor, whose leading
+    dimensions do not merge: the same product as torch.matmul, in a tensor that is no view."""
+    x = torch.randn(*shape, dtype=torch.double)
+    residues = x.unflatten(-2, (4, 2)).transpose(-3, -2)  # (b, h, 2, 4, e)
+    a = torch.randn(*residues.shape[:-2], 3, residues.shape[-1], dtype=torch.double)
+    product = strided_matmul(a, residues.transpose(-1, -2))
+    torch.testing.assert_close(product, a @ residues.transpose(-1, -2))
+    assert product._base is None  # safe to return from an autograd Function, to modify in place

@@ -101,9 +101,6 @@ class StridedSparseAttention(SparseAttention):
 
         # A few query blocks at a time, recomputed in backward: no (n × (l + n/l)) scores kept.
         step = chunk_count(n_blocks, batch_heads * l * ((2 + ahead) * l + n_blocks), slices=batch_heads)
-        # Every chunk reads all keys (a full-size copy for the matmul): at most 8 chunks, so
-        # that work stays a small multiple of one pass instead of growing with n / block.
-        step = max(step, -(-n_blocks // 8))
         return recomputed_chunks(chunk, n_blocks, step, dim=-3).flatten(-3, -2)
 
 
