@@ -231,3 +231,32 @@ def test_no_tensor_grows_as_n_squared(causal: bool) -> None:
     assert probe.largest <= HEADS * 2 * n * 2 * chunk * 2
     assert probe.largest < HEADS * n * n / 8
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_backward_keeps_the_merged_output_not_the_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside the recomputed chunks autograd keeps one full-size tensor besides the input: the
+    merged output, which the output projection reads as a view (the rounds' outputs, and the
+    sorted or gathered q, k and v, are never kept whole); with retain_graph a second backward
+    through the chunks gives the same gradient."""
+    import plugformer.attention as attention_module
+
+    monkeypatch.setattr(attention_module, "CHUNK_ELEMENTS", 64)  # several recomputed ranges per round
+    n = 256
+    module = build(False, chunk_size=8, n_hashes=3).float().train()
+    x = torch.randn(1, n, D_MODEL, requires_grad=True)
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = module(x)
+    known = {x.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in module.parameters()}
+    large = [size for ptr, size in saved.items() if ptr not in known and size >= n * D_MODEL]
+    head_dim = D_MODEL // HEADS
+    assert large == [(n * D_MODEL + head_dim) * 4]  # n tokens × heads rows and the merge's spare row
+    first = torch.autograd.grad(out.sum(), x, retain_graph=True)[0]
+    second = torch.autograd.grad(out.sum(), x)[0]
+    torch.testing.assert_close(first, second, rtol=0, atol=0)

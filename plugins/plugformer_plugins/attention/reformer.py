@@ -26,10 +26,19 @@ left unused (it keeps the projection layout every attention on the base has) and
 gradient. The rotations are drawn afresh at every forward pass in training, from the global
 generator (so a reversible block replays them in its recomputation), and are a fixed draw
 from ``seed`` (plus the layer index) in evaluation mode, so evaluation is deterministic.
+
+Memory: each round's sorted chunks run a few at a time through ``recomputed_chunks``; they
+read q (normalizing the keys themselves) and v row by row through :class:`_HeadRows`, whose
+pieces add their gradients into one buffer per tensor, and hand their outputs to a
+:class:`_RoundMerge` that combines the rounds token by token as the chunks come (an online
+softmax over rounds). So no round's output, no sorted or gathered copy of q, k or v, and no
+normalized keys are kept whole: the backward pass keeps the merged output (which the output
+projection reads as a view) and one logsumexp per token and round.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -107,73 +116,79 @@ class LSHAttention(Attention):
     ) -> Tensor:
         if q.shape[-2] != k.shape[-2]:
             raise ValueError("reformer attention attends within one call's tokens; it cannot decode with a cache")
-        length = q.shape[-2]
-        keys = F.normalize(q, dim=-1)  # shared QK: the keys are the normalized queries
+        batch, heads, length, head_dim = q.shape
         n_buckets = self.buckets_for(length)
-        rotations = self.rotations(n_buckets, keys)
         valid = key_padding_mask.bool()[:, None, :] if key_padding_mask is not None else None
-        all_buckets = []
-        for r in range(self.n_hashes):
-            buckets = self.hash(keys, rotations[r], n_buckets)
-            if valid is not None:
-                buckets = buckets.masked_fill(~valid, n_buckets)  # padding: a bucket of its own
-            all_buckets.append(buckets)
+        with torch.no_grad():  # buckets are discrete: hashing needs no gradient, and its keys are not kept
+            keys = F.normalize(q, dim=-1)  # shared QK: the keys are the normalized queries
+            rotations = self.rotations(n_buckets, keys)
+            all_buckets = []
+            for r in range(self.n_hashes):
+                buckets = self.hash(keys, rotations[r], n_buckets)
+                if valid is not None:
+                    buckets = buckets.masked_fill(~valid, n_buckets)  # padding: a bucket of its own
+                all_buckets.append(buckets)
+            del keys
 
-        packed = []
-        for buckets in all_buckets:
-            out, lse = self._attend_round(q, keys, v, buckets, n_buckets + 1, valid)
-            dtype = torch.promote_types(out.dtype, lse.dtype)  # exact for both
-            packed.append(torch.cat([out.to(dtype), lse.to(dtype).unsqueeze(-1)], dim=-1))
-        packed = torch.stack(packed)  # (rounds, batch, heads, n, head_dim + 1): [out | lse]
-        outputs, lses = packed[..., :-1], packed[..., -1]
-        if self.n_hashes == 1:
-            return outputs[0].to(v.dtype)
-        weights = torch.softmax(lses, dim=0)  # (rounds, batch, heads, n)
-        return (outputs * weights[..., None]).sum(dim=0).to(v.dtype)
+        # Chunks read q (the keys are normalized inside them) and v row by row and add their
+        # gradients into one buffer each; every round's chunks hand their outputs straight to
+        # the merge, so no round's output is ever held whole.
+        q_rows, v_rows = _HeadRows(q), _HeadRows(v)
+        merge = _RoundMerge(batch, heads, length, head_dim, self.n_hashes, dtype=_packed_dtype(v.dtype, q.dtype), device=q.device)
+        handles = [
+            self._attend_round(q_rows, v_rows, buckets, n_buckets + 1, valid, merge, r)
+            for r, buckets in enumerate(all_buckets)
+        ]
+        out = _MergeRead.apply(merge, *handles)  # (batch·length·heads, head_dim)
+        # The rows are in (batch, length, heads) order: the base's transpose back and reshape
+        # for the output projection are views, so the projection keeps no second copy.
+        return out.view(batch, length, heads, head_dim).transpose(1, 2).to(v.dtype)
 
     def _attend_round(
-        self, q: Tensor, keys: Tensor, v: Tensor, buckets: Tensor, total_buckets: int, valid: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        """One hash round: (output (batch, heads, n, head_dim), logsumexp of the scores (batch, heads, n))."""
+        self, q: _HeadRows, v: _HeadRows, buckets: Tensor, total_buckets: int, valid: Tensor | None,
+        merge: _RoundMerge, round_index: int,
+    ) -> Tensor:
+        """One hash round, merged into ``merge``; returns the round's (0-dim, zero) handle."""
         batch, heads, n, head_dim = q.shape
         c = min(self.chunk_size, n)
         # Each bucket takes ceil(count / c) chunks: at most n // c + (non-empty buckets) in all.
         n_chunks = n // c + min(total_buckets, n)
-        index = torch.arange(n, device=q.device)
-        order = (buckets * n + index).argsort(dim=-1)  # sorted by (bucket, index)
-        sorted_buckets = buckets.gather(-1, order)
-        counts = torch.zeros(batch, heads, total_buckets, dtype=torch.long, device=q.device)
-        counts.scatter_add_(-1, buckets, torch.ones_like(buckets))
-        starts = counts.cumsum(-1) - counts
-        rank = index - starts.gather(-1, sorted_buckets)  # rank within its bucket
-        bucket_chunks = (counts + c - 1) // c
-        first_chunk = bucket_chunks.cumsum(-1) - bucket_chunks
-        slot_sorted = first_chunk.gather(-1, sorted_buckets) * c + rank
-        token_of_slot = torch.full((batch, heads, n_chunks * c), n, dtype=torch.long, device=q.device)
-        token_of_slot.scatter_(-1, slot_sorted, order)  # n marks an empty slot
-
-        slots = token_of_slot.view(batch, heads, n_chunks, c)
-        empty = torch.full_like(slots[:, :, :1], n)
+        with torch.no_grad():
+            index = torch.arange(n, device=buckets.device)
+            order = (buckets * n + index).argsort(dim=-1)  # sorted by (bucket, index)
+            sorted_buckets = buckets.gather(-1, order)
+            counts = torch.zeros(batch, heads, total_buckets, dtype=torch.long, device=buckets.device)
+            counts.scatter_add_(-1, buckets, torch.ones_like(buckets))
+            starts = counts.cumsum(-1) - counts
+            rank = index - starts.gather(-1, sorted_buckets)  # rank within its bucket
+            bucket_chunks = (counts + c - 1) // c
+            first_chunk = bucket_chunks.cumsum(-1) - bucket_chunks
+            slot_sorted = first_chunk.gather(-1, sorted_buckets) * c + rank
+            token_of_slot = torch.full((batch, heads, n_chunks * c), n, dtype=torch.long, device=buckets.device)
+            token_of_slot.scatter_(-1, slot_sorted, order)  # n marks an empty slot
+            slots = token_of_slot.view(batch, heads, n_chunks, c)
+            rows = merge.rows(slots)  # each slot's row in the merge (empty slots: its spare row)
+            empty = torch.full_like(slots[:, :, :1], n)
 
         def chunk(first: int, last: int) -> Tensor:
-            """Sorted chunks first ≤ j < last: (batch, heads, last − first, c, head_dim + 1), [out | lse]."""
+            """Sorted chunks first ≤ j < last, merged; returns their zero handle."""
             q_index = slots[:, :, first:last]
             previous = slots[:, :, first - 1 : last - 1] if first else torch.cat([empty, slots[:, :, : last - 1]], dim=2)
             k_index = torch.cat([previous, q_index], dim=3)  # each chunk sees the previous one and itself
 
-            def at(x: Tensor, index: Tensor, fill: float | int | bool) -> Tensor:
-                """Token values at slot ``index`` (n: an empty slot, given ``fill``): (..., chunks, slots[, hd])."""
-                flat = index.flatten(2).clamp_max(n - 1)
-                if x.dim() == 4:
-                    taken = x.gather(2, flat[..., None].expand(-1, -1, -1, x.shape[-1])).view(*index.shape, x.shape[-1])
-                    return taken.masked_fill((index == n)[..., None], fill)
-                taken = x.expand(batch, heads, n).gather(2, flat).view(index.shape)
+            def at(x: Tensor, index: Tensor, fill: int | bool) -> Tensor:
+                """Per-token values (batch, 1 or heads, n) at slot ``index`` (n: an empty slot, given ``fill``)."""
+                taken = x.expand(batch, heads, n).gather(2, index.flatten(2).clamp_max(n - 1)).view(index.shape)
                 return taken.masked_fill(index == n, fill)
 
-            q_slots = at(q, q_index, 0.0)
-            k_window, v_window = at(keys, k_index, 0.0), at(v, k_index, 0.0)
+            k_empty, k_tokens = k_index == n, k_index.clamp_max(n - 1)
+            # The queries of a chunk are the second half of its keys' slots: read q once.
+            q_window = q.take(k_tokens).masked_fill(k_empty[..., None], 0.0)
+            k_window = F.normalize(q_window, dim=-1)
+            v_window = v.take(k_tokens).masked_fill(k_empty[..., None], 0.0)
+            q_slots = q_window[..., c:, :]
             q_bucket, k_bucket = at(buckets, q_index, -1), at(buckets, k_index, -1)
-            k_real = k_index < n
+            k_real = ~k_empty
             if valid is not None:
                 k_real = k_real & at(valid, k_index, False)
 
@@ -190,29 +205,248 @@ class LSHAttention(Attention):
             # nothing get uniform weights and are zeroed at the output.
             scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
             probs = torch.softmax(scores, dim=-1)
-            with torch.no_grad():
-                lse = torch.logsumexp(scores, dim=-1)
-            if self.n_hashes > 1 and scores.requires_grad:
-                # d logsumexp / d scores is the softmax: take the gradient through ``probs`` (kept
-                # anyway for the product with the values) rather than keep the scores twice more.
-                lse = lse + (probs.detach() * (scores - scores.detach())).sum(dim=-1)
             seen = allowed.any(dim=-1)
             weights = probs.to(v.dtype)
             if self.training and self.dropout > 0:
                 weights = F.dropout(weights, p=self.dropout)
             out = torch.matmul(weights, v_window).masked_fill(~seen[..., None], 0.0)
+            if self.n_hashes > 1 and scores.requires_grad:
+                lse = _LogSumExp.apply(scores, probs)
+                # Times exactly 1: the merge's gradient for these columns (the round weight
+                # times the output's) then reaches the logsumexp as weight × (out_grad · out).
+                out = out * torch.exp(lse - lse.detach())[..., None].to(out.dtype)
+            else:
+                with torch.no_grad():
+                    lse = torch.logsumexp(scores, dim=-1)
             lse = lse.masked_fill(~seen, torch.finfo(lse.dtype).min)
             dtype = torch.promote_types(out.dtype, lse.dtype)  # exact for both
-            return torch.cat([out.to(dtype), lse.to(dtype).unsqueeze(-1)], dim=-1)
+            part = torch.cat([out.to(dtype), lse.to(dtype).unsqueeze(-1)], dim=-1)
+            return _MergeWrite.apply(part, merge, rows[:, :, first:last], round_index)
 
         # A few sorted chunks at a time, recomputed in backward: no round's sorted keys or
-        # (slots × 2c) scores are kept, only its outputs.
+        # (slots × 2c) scores are kept, and the outputs go to the merge as they come.
         step = chunk_count(n_chunks, batch * heads * c * 2 * c, slices=batch * heads)
-        packed = recomputed_chunks(chunk, n_chunks, step, dim=2).flatten(2, 3)
+        return recomputed_chunks(chunk, n_chunks, step, dim=None)
 
-        slot_of_token = torch.empty_like(order).scatter_(-1, order, slot_sorted)
-        packed = packed.gather(2, slot_of_token[..., None].expand(-1, -1, -1, head_dim + 1))
-        return packed[..., :head_dim], packed[..., head_dim]
+
+class _LogSumExp(torch.autograd.Function):
+    """logsumexp(scores) over the last dimension, whose gradient (the softmax) is taken from
+    ``probs``, the softmax the chunk keeps anyway for the product with the values, rather
+    than from a second copy of the scores."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, probs: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(probs)
+        return torch.logsumexp(scores, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (probs,) = ctx.saved_tensors
+        return grad[..., None] * probs, None
+
+
+def _packed_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype that holds a round's outputs and logsumexps exactly (at least float32)."""
+    dtype = torch.float32
+    for other in dtypes:
+        dtype = torch.promote_types(dtype, other)
+    return dtype
+
+
+class _HeadRows:
+    """q or v (batch, heads, n, head_dim), of any strides, read by per-head token indices
+    inside the chunks (:meth:`take`); the pieces add their gradients in place into one
+    buffer of the tensor's size, which becomes its gradient after the last piece's backward
+    (as :class:`plugformer.attention.ChunkSource` does for indices shared by every head).
+    Without autograd the pieces are plain gathers.
+
+    Only this object (held by the chunks' closures, so by their checkpoints) refers to the
+    tensor; the graph's nodes hold just the :class:`_RowGradient`. The tensor (a view of a
+    projection's output) is then freed once the checkpoints are, after the chunks' backward,
+    rather than with the whole graph."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.shape, self.dtype = x.shape, x.dtype
+        self.tracked = torch.is_grad_enabled() and x.requires_grad
+        self.gradient = _RowGradient(x)
+        self.tensor = _HeadRowsRoot.apply(x, self.gradient) if self.tracked else x
+
+    def take(self, index: Tensor) -> Tensor:
+        """Rows ``index`` (batch, heads, ...) of each head: (batch, heads, ..., head_dim)."""
+        if not self.tracked:
+            return _gather_rows(self.tensor, index)
+        return _HeadRowsTake.apply(self.tensor, self.gradient, index)
+
+
+class _RowGradient:
+    """The buffer the pieces of a :class:`_HeadRows` add their gradients into."""
+
+    def __init__(self, like: Tensor) -> None:
+        self.shape, self.dtype, self.device = like.shape, like.dtype, like.device
+        self.buffer: Tensor | None = None
+
+    def get(self) -> Tensor:
+        if self.buffer is None:
+            self.buffer = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        return self.buffer
+
+
+def _row_index(index: Tensor, head_dim: int) -> Tensor:
+    flat = index.flatten(2)
+    return flat[..., None].expand(*flat.shape, head_dim)
+
+
+def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    return x.gather(2, _row_index(index, x.shape[-1])).view(*index.shape, x.shape[-1])
+
+
+class _HeadRowsRoot(torch.autograd.Function):
+    """Identity whose backward hands on the pieces' accumulated gradient (it runs after them)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gradient: _RowGradient) -> Tensor:  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        ctx.gradient = gradient
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None) -> tuple[Tensor | None, None]:  # type: ignore[override]
+        pieces, ctx.gradient.buffer = ctx.gradient.buffer, None
+        if grad is None:
+            return pieces, None
+        return (grad if pieces is None else pieces.add_(grad)), None
+
+
+class _HeadRowsTake(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, gradient: _RowGradient, index: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        ctx.gradient, ctx.index = gradient, index
+        return _gather_rows(x, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None) -> tuple[None, None, None]:  # type: ignore[override]
+        if grad is not None:
+            buffer = ctx.gradient.get()
+            flat = grad.reshape(*ctx.index.shape[:2], -1, grad.shape[-1]).to(buffer.dtype)
+            buffer.scatter_add_(2, _row_index(ctx.index, grad.shape[-1]), flat)
+        return None, None, None
+
+
+class _RoundMerge:
+    """The hash rounds' outputs combined token by token as their chunks come, with weights
+    softmax_r(lse_r): a running maximum ``top``, ``total`` = Σ_r exp(lse_r − top) and
+    ``acc`` = Σ_r exp(lse_r − top)·out_r (the online softmax of flash attention, over rounds).
+
+    Rows are tokens in (batch, length, heads) order, so that the result transposed back for
+    the output projection is a view; one spare last row takes the empty slots. Only each
+    round's logsumexps (one number per token) are kept for the backward pass, where a chunk's
+    gradient is formed from the output's gradient g: out_r gets w_r·g and lse_r gets
+    w_r·(g·out_r − g·out), with w_r = exp(lse_r − LSE) (see :class:`_MergeWrite`)."""
+
+    def __init__(self, batch: int, heads: int, length: int, head_dim: int, rounds: int, *, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.batch, self.heads, self.length, self.head_dim = batch, heads, length, head_dim
+        count = batch * length * heads + 1
+        self.spare = count - 1
+        self.acc: Tensor | None = torch.zeros(count, head_dim, dtype=dtype, device=device)
+        self.top = torch.full((count,), -math.inf, dtype=dtype, device=device)
+        self.total = torch.zeros(count, dtype=dtype, device=device)
+        self.lse = torch.zeros(rounds, count, dtype=dtype, device=device)
+        self.open = True  # False once read: a checkpoint's recomputation must not write again
+        self.writes = 0  # writes whose backward will run
+        self.pending = 0
+        self.grad: Tensor | None = None
+        self.dot: Tensor | None = None
+
+    def rows(self, slots: Tensor) -> Tensor:
+        """Merge rows of sorted slots (batch, heads, ...) holding token indices (length: empty)."""
+        batch, heads = slots.shape[:2]
+        tail = (1,) * (slots.dim() - 2)
+        example = torch.arange(batch, device=slots.device).view(batch, 1, *tail)
+        head = torch.arange(heads, device=slots.device).view(1, heads, *tail)
+        rows = (example * self.length + slots) * self.heads + head
+        return rows.masked_fill(slots == self.length, self.spare)
+
+    def add(self, part: Tensor, rows: Tensor, round_index: int) -> None:
+        """Merge a chunk's [out | lse] at its rows (each real row once per round)."""
+        assert self.acc is not None
+        index = rows.reshape(-1)
+        part = part.reshape(-1, self.head_dim + 1).to(self.acc.dtype)
+        out, lse = part[:, :-1], part[:, -1]
+        top = self.top[index]
+        new_top = torch.maximum(top, lse)
+        keep, weight = torch.exp(top - new_top), torch.exp(lse - new_top)
+        self.acc[index] = self.acc[index] * keep[:, None] + out * weight[:, None]
+        self.total[index] = self.total[index] * keep + weight
+        self.top[index] = new_top
+        self.lse[round_index, index] = lse
+
+    def read(self) -> Tensor:
+        """The combined output (every row but the spare), normalized in place; closes the merge."""
+        assert self.acc is not None
+        out = self.acc[: self.spare].div_(self.total[: self.spare, None])
+        self.log_total = self.top + self.total.log()  # LSE: logsumexp over the rounds
+        self.acc, self.open = None, False
+        return out
+
+    def gradient(self, rows: Tensor, round_index: int, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+        """The gradient of a chunk's [out | lse] at ``rows`` (see the class docstring)."""
+        assert self.grad is not None and self.dot is not None
+        index = rows.reshape(-1)
+        real = index != self.spare
+        clamped = index.clamp_max(self.spare - 1)
+        weight = torch.exp(self.lse[round_index, index] - self.log_total[index])
+        weight = torch.where(real, weight, torch.zeros_like(weight))  # the spare row may hold anything
+        out_grad = self.grad.index_select(0, clamped) * weight[:, None].to(self.grad.dtype)
+        lse_grad = -weight * self.dot.index_select(0, clamped)
+        return torch.cat([out_grad.to(dtype), lse_grad.to(dtype)[:, None]], dim=-1).view(shape)
+
+
+class _MergeWrite(torch.autograd.Function):
+    """Merges a chunk's [out | lse] (computed with the exact-1 factor exp(lse − lse) on out,
+    see ``_attend_round``) and returns a 0-dim handle; the merge's read depends on every
+    handle, so this backward runs after it, when the output's gradient is known."""
+
+    @staticmethod
+    def forward(ctx, part: Tensor, merge: _RoundMerge, rows: Tensor, round_index: int) -> Tensor:  # type: ignore[override]
+        if merge.open:
+            merge.add(part, rows, round_index)
+            merge.writes += ctx.needs_input_grad[0]
+        ctx.merge, ctx.rows, ctx.round_index = merge, rows, round_index
+        ctx.shape, ctx.dtype = part.shape, part.dtype
+        return part.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        merge = ctx.merge
+        part_grad = merge.gradient(ctx.rows, ctx.round_index, ctx.shape, ctx.dtype)
+        merge.pending -= 1
+        if merge.pending == 0:  # the last chunk: the output's gradient is no longer needed
+            merge.grad = merge.dot = None
+        return part_grad, None, None, None
+
+
+class _MergeRead(torch.autograd.Function):
+    """The merged output (batch·length·heads, head_dim) from the rounds' handles."""
+
+    @staticmethod
+    def forward(ctx, merge: _RoundMerge, *handles: Tensor) -> Tensor:  # type: ignore[override]
+        out = merge.read()
+        ctx.merge, ctx.handles = merge, len(handles)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        merge = ctx.merge
+        merge.grad = grad
+        # g·out per row, without a full-size product: one (1 × d)(d × 1) product per row.
+        merge.dot = torch.matmul(grad.unsqueeze(-2), out.unsqueeze(-1).to(grad.dtype)).view(-1)
+        merge.pending = merge.writes
+        zero = grad.new_zeros(())
+        return (None, *(zero for _ in range(ctx.handles)))
 
 
 COMPONENT = Component(
