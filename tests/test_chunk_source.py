@@ -61,6 +61,18 @@ def test_untracked_source_gives_plain_views() -> None:
         assert src.narrow(-2, 2, 3).data_ptr() == x[..., 2:5, :].data_ptr()
 
 
+def test_untracked_source_matmul_passes_the_gradient_of_its_left_factor() -> None:
+    """Keys that need no gradient, mixed by weights that do (sinkhorn's P in evaluation)."""
+    x = torch.randn(2, 3, 8, 5).transpose(-1, -2)  # a permuted view: strided_matmul's case
+    a = torch.randn(2, 3, 4, 5, requires_grad=True)
+    src = ChunkSource(x)
+    assert not src.tracked
+    (grad,) = torch.autograd.grad(src.matmul(a).square().sum(), a)
+    a_plain = a.detach().requires_grad_()
+    (expected,) = torch.autograd.grad(torch.matmul(a_plain, x).square().sum(), a_plain)
+    torch.testing.assert_close(grad, expected)
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 8, 5), (1, 4, 8, 5), (3, 1, 8, 5)])
 def test_strided_matmul_of_a_permuted_view_equals_matmul(shape: tuple[int, ...]) -> None:
     """The residue layout (b, h, residue, block, e) of a (b, h, n, e) tensor, whose leading

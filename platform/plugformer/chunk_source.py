@@ -99,7 +99,10 @@ class ChunkSource:
         buffer in place, so a chunk that reads the whole tensor (a global query against every
         key) adds no full-size temporary to the backward pass."""
         x = self.tensor
-        if a.shape[:-2] != x.shape[:-2] or x.dim() < 3:
+        # strided_matmul writes through bmm(out=), which autograd cannot record: an untracked
+        # source whose ``a`` needs a gradient (a soft permutation of constant keys) uses matmul.
+        needs_graph = torch.is_grad_enabled() and a.requires_grad
+        if a.shape[:-2] != x.shape[:-2] or x.dim() < 3 or (needs_graph and not self.tracked):
             return torch.matmul(a, x.transpose(-1, -2) if transpose else x)
         if not self.tracked:
             return strided_matmul(a, x.transpose(-1, -2) if transpose else x)
