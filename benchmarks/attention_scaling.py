@@ -209,23 +209,44 @@ def table(results: dict, lengths: list[int], variants: list[str], metric: str) -
 
 
 def summary(results: dict, lengths: list[int], variants: list[str], costs: dict[str, str]) -> list[str]:
-    """At the reference length (4096, or the longest below it): speed-up over full beside LRA's
-    Table 2, memory relative to full, and memory growth to the longest length."""
+    """At the reference length (4096, or the longest below it): speed-up over full (the fused
+    kernel) and over full+mask (the explicit n×n path, what LRA's vanilla Transformer runs)
+    beside LRA's Table 2, memory relative to full, and memory growth to the longest length."""
     at = max((n for n in lengths if n <= 4096), default=lengths[-1])
-    full = results.get(("full", at))
+    full, explicit = results.get(("full", at)), results.get(("full+mask", at))
+
+    def speedup(base: dict | None, mine: dict | None) -> str:
+        return f"{base['time_ms'] / mine['time_ms']:.2f}×" if mine and base else "—"
+
     lines = [
-        f"| variant | cost class | speed-up over full at {at} | LRA Table 2 (4K) | memory / full at {at} | "
-        f"memory {lengths[-1]} / {lengths[-2] if len(lengths) > 1 else lengths[-1]} |",
-        "|---|---|---:|---:|---:|---:|",
+        f"| variant | cost class | speed-up over full at {at} | over full+mask (n×n) | LRA Table 2 (4K) | "
+        f"memory / full at {at} | memory {lengths[-1]} / {lengths[-2] if len(lengths) > 1 else lengths[-1]} |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for variant in variants:
         mine = results.get((variant, at))
-        speed = f"{full['time_ms'] / mine['time_ms']:.2f}×" if mine and full else "—"
         memory = f"{mine['memory_mib'] / full['memory_mib']:.2f}" if mine and full and full["memory_mib"] > 0 else "—"
         lra = f"{LRA_SPEEDUP_4K[variant]}×" if variant in LRA_SPEEDUP_4K else "—"
         g = growth(results, variant, lengths)
-        lines.append(f"| {variant} | {costs.get(variant, '')} | {speed} | {lra} | {memory} | {f'{g:.2f}' if g else '—'} |")
-    return lines
+        lines.append(
+            f"| {variant} | {costs.get(variant, '')} | {speedup(full, mine)} | {speedup(explicit, mine)} | {lra} | "
+            f"{memory} | {f'{g:.2f}' if g else '—'} |"
+        )
+    return lines + ["", BESIDE_LRA]
+
+
+#: Why our ratios differ from LRA's Table 2 (facts about the two set-ups, not about one run).
+BESIDE_LRA = (
+    "Beside LRA: LRA's Table 2 times whole models (6 layers, d_model 512) in JAX on accelerators "
+    "against a vanilla Transformer whose attention forms the n×n score matrix. Here one layer runs "
+    "on one CPU thread, and `full` is PyTorch's fused `scaled_dot_product_attention`, which never "
+    "forms that matrix and runs as one tight kernel, so every variant's speed-up over it is smaller "
+    "than LRA's. `full+mask` takes the explicit n×n path, the closer match to LRA's baseline: read "
+    "that column beside LRA's. The sub-quadratic variants are Python-level compositions of "
+    "matrix products run chunk by chunk under recomputation (each chunk's scores are formed "
+    "twice, once in the forward pass and once in the backward pass), which is how they keep "
+    "their memory at or below the fused kernel's; the fused kernel pays neither cost."
+)
 
 
 def plot(all_results: dict, lengths: list[int], variants: list[str], path: Path, mode: str) -> None:
