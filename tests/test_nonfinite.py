@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from compose import compose_train
 from helpers import FAST, read_summary, run_cli
@@ -115,3 +116,14 @@ def test_checking_every_n_steps_stops_within_n_steps_naming_the_first(poison_plu
     with pytest.raises(NonFiniteError, match=r"stopped at step 3 \(the first non-finite value was at step 1"):
         train(cfg, poison_plugins, tmp_path, run_id="nan00004")
     assert read_summary(tmp_path)["global_step"] == 3
+
+
+def test_a_bad_value_one_rank_sees_makes_every_rank_act(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+    from rank_flags import flags_seen  # a small module: each process imports only it
+
+    from plugformer.training.ranks import any_rank
+
+    assert bool(any_rank(torch.tensor(True))) and not bool(any_rank(torch.tensor(False)))  # one process
+    mp.spawn(flags_seen, args=(str(tmp_path),), nprocs=2, join=True)
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["[True, False]"] * 2

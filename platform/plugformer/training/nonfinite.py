@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from plugformer.errors import NonFiniteError
+from plugformer.training.ranks import any_rank
 from plugformer.hookspecs import hookimpl
 
 ACTIONS = ("stop", "skip", "off")
@@ -152,7 +153,7 @@ class NonFiniteGuard(pl.Callback):
             note = getattr(module, "note_gradient_norm", None)
             if norm is not None and callable(note):
                 note(optimizer, parameters, norm)
-        bad = loss_bad.to(norm.device) | ~torch.isfinite(norm) if norm is not None else loss_bad
+        bad = any_rank(loss_bad.to(norm.device) | ~torch.isfinite(norm) if norm is not None else loss_bad)
         step = trainer.global_step
         if self.options.action == "skip":
             if bool(bad):
