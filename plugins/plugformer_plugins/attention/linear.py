@@ -38,10 +38,21 @@ def feature_map(x: Tensor) -> Tensor:
     return F.elu(x.float()) + 1.0
 
 
-def _exclusive_cumsum(x: Tensor) -> Tensor:
+def exclusive_cumsum(x: Tensor) -> Tensor:
     """Sum over the earlier chunks (dim 2), zero for the first; shifted rather than
     cumsum − x, which would cancel catastrophically on long sequences."""
     return torch.cat([torch.zeros_like(x[:, :, :1]), torch.cumsum(x[:, :, :-1], dim=2)], dim=2)
+
+
+def group_length(length: int, chunk: int, per_token: int, state: int) -> int:
+    """Tokens per group (a multiple of ``chunk``) for causal prefix-sum attention run in groups
+    of whole chunks through :func:`recomputed_chunks`, given the elements one token adds to a
+    group's intermediates (``per_token``) and the elements of one group's carried state
+    (``state``), both per (batch, head) slice. The carried states (one per group) and one
+    group's intermediates trade off: groups of about √(length · state / per_token) tokens
+    minimise their sum (both then grow as √length); never shorter than the chunk budget allows."""
+    balanced = round(math.sqrt(length * state / per_token) / chunk) * chunk
+    return max(chunk, balanced, chunk_count(length, per_token) // chunk * chunk)
 
 
 @dataclass
@@ -166,14 +177,10 @@ class LinearAttention(Attention):
         length with the constant of one group's intermediates."""
         length, head_dim = q.shape[-2], q.shape[-1]
         chunk = min(self.chunk_size, length)
-        # Elements one token adds to a group's intermediates: its scores within its chunk,
-        # its share of the chunk states, its features.
-        per_token = q.shape[0] * q.shape[1] * (2 * chunk + -(-2 * head_dim * head_dim // chunk) + 8 * head_dim)
-        # The carried states (one per group) and one group's intermediates trade off: groups of
-        # about √(length · state / per_token) tokens minimise their sum (both then grow as √length).
-        state = q.shape[0] * q.shape[1] * head_dim * (head_dim + 1)
-        balanced = round(math.sqrt(length * state / per_token) / chunk) * chunk
-        group = max(chunk, balanced, chunk_count(length, per_token, slices=q.shape[0] * q.shape[1]) // chunk * chunk)
+        # Per (batch, head) slice, the elements one token adds to a group's intermediates (its
+        # scores within its chunk, its share of the chunk states, its features) and a state's.
+        per_token = 2 * chunk + -(-2 * head_dim * head_dim // chunk) + 8 * head_dim
+        group = group_length(length, chunk, per_token, state=head_dim * (head_dim + 1))
         n_groups = -(-length // group)
         q_src, k_src, v_src = (ChunkSource(t) for t in (q, k, v))
 
@@ -188,7 +195,7 @@ class LinearAttention(Attention):
             rotated_k, phi_k, values = keys(first * group, min(length, last * group))
             return torch.cat([rotated_k.transpose(-1, -2) @ values, phi_k.sum(dim=-2).unsqueeze(-1)], dim=-1).unsqueeze(2)
 
-        incoming = ChunkSource(_exclusive_cumsum(recomputed_chunks(group_state, n_groups, 1, dim=2)))  # (b, h, groups, hd, hd + 1)
+        incoming = ChunkSource(exclusive_cumsum(recomputed_chunks(group_state, n_groups, 1, dim=2)))  # (b, h, groups, hd, hd + 1)
 
         def group_out(first: int, last: int) -> Tensor:
             start, stop = first * group, min(length, last * group)
@@ -224,11 +231,11 @@ class LinearAttention(Attention):
         # Within a chunk: the masked quadratic form. Across chunks: the exclusive prefix sum
         # of the chunk states, i.e. what all earlier chunks contributed.
         within = torch.matmul(rotated_q, rotated_k.transpose(-1, -2)).tril_()  # (b, h, nc, chunk, chunk)
-        state = _exclusive_cumsum(torch.matmul(rotated_k.transpose(-1, -2), values))  # (b, h, nc, hd, hd)
+        state = exclusive_cumsum(torch.matmul(rotated_k.transpose(-1, -2), values))  # (b, h, nc, hd, hd)
         numerator = torch.matmul(within, values) + torch.matmul(rotated_q, state)
         if rotated:
             within = torch.matmul(phi_q, phi_k.transpose(-1, -2)).tril_()
-        norm = _exclusive_cumsum(phi_k.sum(dim=-2))  # (b, h, nc, hd)
+        norm = exclusive_cumsum(phi_k.sum(dim=-2))  # (b, h, nc, hd)
         denominator = within.sum(dim=-1) + torch.matmul(phi_q, norm.unsqueeze(-1)).squeeze(-1)
         return numerator.flatten(2, 3)[:, :, :length], denominator.flatten(2, 3)[:, :, :length]
 

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from plugformer import Attention, AttentionState, BuildContext, Capabilities, Component, bounds
 from plugformer.attention import ChunkSource, chunk_count, recomputed_chunks
-from plugformer_plugins.attention.linear import RecurrentState
+from plugformer_plugins.attention.linear import RecurrentState, exclusive_cumsum, group_length
 
 
 @dataclass
@@ -76,12 +76,6 @@ def draw_features(num_features: int, dim: int, *, orthogonal: bool, device: torc
     return rows * torch.randn(num_features, dim, device=device).norm(dim=-1, keepdim=True)
 
 
-def _exclusive_cumsum(x: Tensor) -> Tensor:
-    """Sum over the earlier chunks (dim 2), zero for the first (shifted, not cumsum − x,
-    which would cancel catastrophically)."""
-    return torch.cat([torch.zeros_like(x[:, :, :1]), torch.cumsum(x[:, :, :-1], dim=2)], dim=2)
-
-
 def causal_sums(phi_q: Tensor, phi_k: Tensor, values: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
     """Σ_{j≤i} (φ(q_i)·φ(k_j)) v_j and Σ_{j≤i} φ(q_i)·φ(k_j) for every i, in O(n): within a
     chunk the masked quadratic form, across chunks the exclusive prefix sums of the chunk
@@ -95,9 +89,9 @@ def causal_sums(phi_q: Tensor, phi_k: Tensor, values: Tensor, chunk_size: int) -
 
     phi_q, phi_k, values = chunks(phi_q), chunks(phi_k), chunks(values)
     within = torch.matmul(phi_q, phi_k.transpose(-1, -2)).tril_()  # (b, h, nc, chunk, chunk)
-    state = _exclusive_cumsum(torch.matmul(phi_k.transpose(-1, -2), values))  # (b, h, nc, m, hd)
+    state = exclusive_cumsum(torch.matmul(phi_k.transpose(-1, -2), values))  # (b, h, nc, m, hd)
     numerator = torch.matmul(within, values) + torch.matmul(phi_q, state)
-    normalizer = _exclusive_cumsum(phi_k.sum(dim=-2))  # (b, h, nc, m)
+    normalizer = exclusive_cumsum(phi_k.sum(dim=-2))  # (b, h, nc, m)
     denominator = within.sum(dim=-1) + torch.matmul(phi_q, normalizer.unsqueeze(-1)).squeeze(-1)
     return numerator.flatten(2, 3)[:, :, :length], denominator.flatten(2, 3)[:, :, :length]
 
@@ -201,12 +195,8 @@ class PerformerAttention(Attention):
         length, head_dim = q.shape[-2], v.shape[-1]
         chunk = min(self.chunk_size, length)
         m = self.num_features
-        per_token = q.shape[0] * q.shape[1] * (2 * chunk + -(-2 * m * head_dim // chunk) + 4 * m + 4 * head_dim)
-        # The carried states (one per group) and one group's intermediates trade off: groups of
-        # about √(length · state / per_token) tokens minimise their sum (both then grow as √length).
-        state = q.shape[0] * q.shape[1] * m * (head_dim + 1)
-        balanced = round(math.sqrt(length * state / per_token) / chunk) * chunk
-        group = max(chunk, balanced, chunk_count(length, per_token, slices=q.shape[0] * q.shape[1]) // chunk * chunk)
+        per_token = 2 * chunk + -(-2 * m * head_dim // chunk) + 4 * m + 4 * head_dim  # per (batch, head), as linear's
+        group = group_length(length, chunk, per_token, state=m * (head_dim + 1))
         n_groups = -(-length // group)
         q_src, k_src, v_src = (ChunkSource(t) for t in (q, k, v))
 
@@ -219,7 +209,7 @@ class PerformerAttention(Attention):
             _, phi_k, values = features(first * group, min(length, last * group))
             return torch.cat([phi_k.transpose(-1, -2) @ values, phi_k.sum(dim=-2).unsqueeze(-1)], dim=-1).unsqueeze(2)
 
-        incoming = ChunkSource(_exclusive_cumsum(recomputed_chunks(group_state, n_groups, 1, dim=2)))  # (b, h, groups, m, hd + 1)
+        incoming = ChunkSource(exclusive_cumsum(recomputed_chunks(group_state, n_groups, 1, dim=2)))  # (b, h, groups, m, hd + 1)
 
         def group_out(first: int, last: int) -> Tensor:
             phi_q, phi_k, values = features(first * group, min(length, last * group))
