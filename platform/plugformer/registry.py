@@ -60,8 +60,23 @@ class Provider:
 UNKNOWN_PROVIDER = Provider(plugin="<direct>", distribution="<unregistered>", version="")
 
 
+class _Named:
+    """The config group and the ``kind:name`` of a component (loaded or announced)."""
+
+    kind: str
+    name: str
+
+    @property
+    def group(self) -> str:
+        return CONFIG_GROUPS[self.kind]
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+
 @dataclass(frozen=True)
-class Component:
+class Component(_Named):
     """One registered component.
 
     ``factory`` builds the component: ``factory(config, context)``, where the context is a
@@ -88,17 +103,9 @@ class Component:
             return self.capabilities
         return self.capabilities(config if config is not None else self.config())
 
-    @property
-    def group(self) -> str:
-        return CONFIG_GROUPS[self.kind]
-
-    @property
-    def qualified_name(self) -> str:
-        return f"{self.kind}:{self.name}"
-
 
 @dataclass(frozen=True)
-class LazyComponent:
+class LazyComponent(_Named):
     """A component announced by its listing data, loaded only when it is needed.
 
     ``load()`` returns the :class:`Component` (importing its module); the registry calls it the
@@ -120,14 +127,6 @@ class LazyComponent:
     def capabilities_for(self) -> Capabilities:
         """The capabilities under the default config, as announced."""
         return self.capabilities
-
-    @property
-    def group(self) -> str:
-        return CONFIG_GROUPS[self.kind]
-
-    @property
-    def qualified_name(self) -> str:
-        return f"{self.kind}:{self.name}"
 
 
 #: The field plugformer adds to every component's config node: the chosen component's name
