@@ -30,6 +30,14 @@ class ChunkSource:
     slicing. Without autograd (no grad mode, or ``x`` not requiring grad) the pieces are plain
     views. ``tensor`` is ``x`` (through an identity node when tracked) for whole-tensor use;
     gradients through it are added to the pieces'. Not twice differentiable.
+
+    Lifetime: a tracked source lets go of ``x`` (its :meth:`view` s read through it) as soon as
+    its identity node's backward has run, i.e. once every piece's backward has: the autograd
+    nodes of the pieces and the checkpoint frames of :func:`~plugformer.attention.recomputed_chunks`
+    hold the source, so without this ``x`` (q, k, v: views of the projections' outputs) would
+    live until the whole graph is released, through the projections' backward. After that
+    backward the source is spent: reading it raises. A backward with ``retain_graph=True``
+    keeps it (a second backward recomputes the chunks, which read it again).
     """
 
     def __init__(self, x: Tensor) -> None:
@@ -37,15 +45,21 @@ class ChunkSource:
         self._like = (x.shape, x.dtype, x.device)
         self._parent: tuple[ChunkSource, Callable[[Tensor], Tensor]] | None = None
         self.tracked = torch.is_grad_enabled() and x.requires_grad
-        self._tensor: Tensor = _SourceNode.apply(x, self) if self.tracked else x
+        self._tensor: Tensor | None = _SourceNode.apply(x, self) if self.tracked else x
 
     @property
     def tensor(self) -> Tensor:
         """The whole tensor (of a :meth:`view`: recomputed at each use, so a reshape that must
-        copy copies only inside the chunk that reads it)."""
+        copy copies only inside the chunk that reads it). Raises once the source is spent."""
         if self._parent is not None:
             parent, fn = self._parent
             return fn(parent.tensor)
+        if self._tensor is None:
+            raise RuntimeError(
+                "ChunkSource read after its backward pass released it: a source lets go of its "
+                "tensor once its gradient has been handed on (expected: one backward per forward, "
+                "or retain_graph=True for another); build a new ChunkSource for a new forward pass"
+            )
         return self._tensor
 
     def view(self, fn: Callable[[Tensor], Tensor]) -> ChunkSource:
@@ -118,9 +132,27 @@ class ChunkSource:
             self._buffer = torch.zeros(shape, dtype=dtype, device=device)
         return self._buffer
 
-    def _release(self) -> Tensor | None:
+    def _release(self, *, spend: bool) -> Tensor | None:
+        """The accumulated gradient (None if no piece had one); ``spend`` also drops the tensor
+        (see the lifetime contract)."""
         buffer, self._buffer = self._buffer, None
+        if spend:
+            self._tensor = None
         return buffer
+
+
+def _keep_graph() -> bool:
+    """Whether the running backward pass keeps the graph (``retain_graph=True``)."""
+    return torch._C._autograd._get_current_graph_task_keep_graph()
+
+
+def _done(ctx) -> bool:  # noqa: ANN001 (an autograd Function's ctx)
+    """Drop ``ctx.source`` after a node's backward unless the graph is kept, so that nodes the
+    engine keeps until the whole graph is released do not keep the source's tensor alive."""
+    if not _keep_graph():
+        ctx.source = None
+        return True
+    return False
 
 
 def _take(x: Tensor, dim: int, index: Tensor) -> Tensor:
@@ -144,6 +176,7 @@ class _RowsNode(torch.autograd.Function):
         if grad is not None:
             index = ctx.index[:, None, :, None].expand(-1, grad.shape[1], -1, grad.shape[-1])
             ctx.source._gradient().scatter_add_(-2, index, grad.to(ctx.source.dtype))
+        _done(ctx)
         return None, None, None
 
 
@@ -158,7 +191,8 @@ class _SourceNode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor | None) -> tuple[Tensor | None, None]:  # type: ignore[override]
-        pieces = ctx.source._release()
+        source = ctx.source
+        pieces = source._release(spend=_done(ctx))
         if grad is None:
             return pieces, None
         return (grad if pieces is None else pieces.add_(grad)), None
@@ -175,6 +209,7 @@ class _NarrowNode(torch.autograd.Function):
     def backward(ctx, grad: Tensor | None) -> tuple[None, ...]:  # type: ignore[override]
         if grad is not None:
             ctx.source._gradient().narrow(ctx.dim, ctx.start, ctx.length).add_(grad)
+        _done(ctx)
         return None, None, None, None, None
 
 
@@ -193,6 +228,7 @@ class _TakeNode(torch.autograd.Function):
             if index.dim() == 0:
                 flat = grad.unsqueeze(dim)
             ctx.source._gradient().index_add_(dim, index.reshape(-1), flat.to(ctx.source._like[1]))
+        _done(ctx)
         return None, None, None, None
 
 
@@ -207,6 +243,7 @@ class _MatmulNode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor | None) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
         if grad is None:
+            _done(ctx)
             return None, None, None, None
         a, x = ctx.saved_tensors
         grad_a = None
@@ -224,6 +261,7 @@ class _MatmulNode(torch.autograd.Function):
                 into.baddbmm_(left3[index], right3[index])
             else:  # in place, a strided batch would run one small product per matrix
                 into.add_(torch.bmm(left3[index], right3[index]))
+        _done(ctx)
         return grad_a, None, None, None
 
 
