@@ -108,13 +108,17 @@ class _SinkhornOffsets(torch.autograd.Function):
             x = _normalised_logits(hidden_, w2_, noise, ctx.temperature)
         sums = {-2: -grad_columns, -1: -grad_rows}  # Σ over rows and over columns of g
         correction = torch.zeros_like(x)
+        # One (N_B × N_B) buffer for every half-round's state: assigning a fresh one would hold
+        # the previous state until the new one exists (one more at the peak).
+        state = torch.empty_like(x, requires_grad=False)
         for t in range(2 * column_sums.shape[0], 0, -1):
             dim = -2 if t % 2 else -1  # odd half-rounds normalise columns
-            state = x.detach() - column_sums[(t - 1) // 2]  # the state after half-round t
+            torch.sub(x.detach(), column_sums[(t - 1) // 2], out=state)  # the state after half-round t
             if t // 2:
                 state.sub_(row_sums[t // 2 - 1])
             total = sums[dim] + correction.sum(dim=dim, keepdim=True)
             correction.sub_(state.exp_().mul_(total))
+        del state  # an (N_B × N_B) temporary: not alive through the gradient's products below
         grad_hidden, grad_w2 = torch.autograd.grad(x, (hidden_, w2_), correction)
         return grad_hidden, grad_w2, None, None, None
 
