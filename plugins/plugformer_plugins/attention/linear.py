@@ -149,19 +149,20 @@ class LinearAttention(Attention):
         length, k_length, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
         slices = q[..., :1, :1].numel()
         rows = chunk_count(length, q[..., :1, :].numel(), slices=slices)  # feature-sized rows
+        q_src, k_src, v_src = (ChunkSource(t) for t in (q, k, v))  # no full-size gradient per chunk
 
         def key_sums(start: int, stop: int) -> Tensor:  # (b, h, hd, hd + 1): [S | z]
-            phi_k = feature_map(k[..., start:stop, :])
+            phi_k = feature_map(k_src.narrow(-2, start, stop - start))
             if key_padding_mask is not None:
                 phi_k = phi_k * key_padding_mask[:, None, start:stop, None].to(phi_k.dtype)
             _, rotated_k = Attention.transform_qk(self, phi_k, phi_k, k_positions[..., start:stop])
-            return torch.cat([rotated_k.transpose(-1, -2) @ v[..., start:stop, :].float(), phi_k.sum(dim=-2).unsqueeze(-1)], dim=-1)
+            return torch.cat([rotated_k.transpose(-1, -2) @ v_src.narrow(-2, start, stop - start).float(), phi_k.sum(dim=-2).unsqueeze(-1)], dim=-1)
 
         sums = recomputed_chunks(key_sums, k_length, chunk_count(k_length, k[..., :1, :].numel(), slices=slices), dim=None)
         kv, z = sums[..., :head_dim], sums[..., head_dim:]
 
         def queries(start: int, stop: int) -> Tensor:
-            phi_q = feature_map(q[..., start:stop, :])
+            phi_q = feature_map(q_src.narrow(-2, start, stop - start))
             rotated_q, _ = Attention.transform_qk(self, phi_q, phi_q, q_positions[..., start:stop])
             numerator, denominator = rotated_q @ kv, phi_q @ z
             return (numerator / (denominator + self.eps)).to(v.dtype)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from plugformer import Attention, AttentionState, BuildContext, Capabilities, Component, ConfigError, bounds
-from plugformer.attention import chunk_count, recomputed_chunks, repeat_kv
+from plugformer.attention import ChunkSource, chunk_count, recomputed_chunks, repeat_kv
 
 
 class Sharing(str, Enum):
@@ -105,9 +105,10 @@ class LinformerAttention(Attention):
         else:
             projected_k = repeat_kv(torch.matmul(e, k), self.n_heads)
             projected_v = repeat_kv(torch.matmul(f, v), self.n_heads)
+        q_src = ChunkSource(q)  # each chunk's query gradient added into one buffer
 
         def queries(start: int, stop: int) -> Tensor:
-            scores = torch.matmul(q[..., start:stop, :] * self.scale, projected_k.transpose(-1, -2))
+            scores = torch.matmul(q_src.narrow(-2, start, stop - start) * self.scale, projected_k.transpose(-1, -2))
             weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(v.dtype)
             if self.training and self.dropout > 0:
                 weights = F.dropout(weights, p=self.dropout)

@@ -234,9 +234,10 @@ class PerformerAttention(Attention):
         half_norms = 0.5 * (w * w).sum(dim=-1)  # ‖w_f‖²/2, (m,)
         k_length, length, head_dim = k.shape[-2], q.shape[-2], v.shape[-1]
         step = chunk_count(max(length, k_length), q[..., :1, :1].numel() * self.num_features * 2, slices=q[..., :1, :1].numel())
+        q_src, k_src, v_src = (ChunkSource(t) for t in (q, k, v))  # no full-size gradient per chunk
 
         def log_k(start: int, stop: int) -> Tensor:
-            xk = k[..., start:stop, :].to(dtype) * scale
+            xk = k_src.narrow(-2, start, stop - start).to(dtype) * scale
             return torch.matmul(xk, w.T) - 0.5 * (xk * xk).sum(dim=-1, keepdim=True) - half_norms
 
         def real(start: int, stop: int) -> Tensor | None:
@@ -258,14 +259,14 @@ class PerformerAttention(Attention):
             mask = real(start, stop)
             if mask is not None:
                 phi_k = phi_k * mask.to(dtype)
-            values = v[..., start:stop, :].to(dtype)
+            values = v_src.narrow(-2, start, stop - start).to(dtype)
             return torch.cat([torch.matmul(phi_k.transpose(-1, -2), values), phi_k.sum(dim=-2).unsqueeze(-1)], dim=-1)
 
         sums = recomputed_chunks(key_sums, k_length, step, dim=None)
         kv, z = sums[..., :head_dim], sums[..., head_dim:]
 
         def queries(start: int, stop: int) -> Tensor:
-            log_q = torch.matmul(q[..., start:stop, :].to(dtype) * scale, w.T) + half_norms
+            log_q = torch.matmul(q_src.narrow(-2, start, stop - start).to(dtype) * scale, w.T) + half_norms
             phi_q = torch.exp(log_q - log_q.amax(dim=-1, keepdim=True).detach())
             # A query that sees no (non-underflowed) key has numerator and denominator 0: output 0.
             denominator = torch.matmul(phi_q, z).clamp_min(torch.finfo(dtype).tiny)
