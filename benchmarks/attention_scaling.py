@@ -245,7 +245,7 @@ BESIDE_LRA = (
     "that column beside LRA's. The sub-quadratic variants are Python-level compositions of "
     "matrix products run chunk by chunk under recomputation (each chunk's scores are formed "
     "twice, once in the forward pass and once in the backward pass), which is how they keep "
-    "their memory at or below the fused kernel's; the fused kernel pays neither cost."
+    "their memory near the fused kernel's (see the memory table); the fused kernel pays neither cost."
 )
 
 
