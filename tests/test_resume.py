@@ -29,8 +29,8 @@ SETTINGS = [
 ]
 
 
-def start(run_dir: Path, *extra: str):
-    return start_cli("train", *SETTINGS, f"run_dir={run_dir}", *extra)
+def start(run_dir: Path, *extra: str, env: dict[str, str] | None = None):
+    return start_cli("train", *SETTINGS, f"run_dir={run_dir}", *extra, env=env)
 
 
 def assert_no_duplicate_rows(run_dir: Path) -> Counter:
@@ -39,10 +39,15 @@ def assert_no_duplicate_rows(run_dir: Path) -> Counter:
     return identities
 
 
-def test_killed_run_resumes_to_the_planned_step_and_matches(tmp_path: Path) -> None:
-    reference = tmp_path / "reference"
-    assert start(reference).wait(timeout=300) == 0
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run that the killed runs are compared with."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    assert start(run_dir).wait(timeout=300) == 0
+    return run_dir
 
+
+def test_killed_run_resumes_to_the_planned_step_and_matches(reference: Path, tmp_path: Path) -> None:
     crashed = tmp_path / "crashed"
     process = start(crashed)
     last = crashed / "checkpoints" / "last.ckpt"
@@ -78,6 +83,26 @@ def test_killed_run_resumes_to_the_planned_step_and_matches(tmp_path: Path) -> N
     assert same_rows(before, metric_rows(crashed))
     identities = assert_no_duplicate_rows(crashed)
     assert identities == Counter(row_identity(row) for row in metric_rows(reference))
+
+
+def test_a_kill_between_a_step_checkpoint_and_the_steps_metrics_row_loses_no_row(reference: Path, tmp_path: Path) -> None:
+    """Lightning saves a step's checkpoint before it logs that step's row: a run killed in
+    between resumes after the step, and the row travels in the checkpoint instead."""
+    crashed = tmp_path / "crashed"
+    plugin = os.pathsep.join(filter(None, [str(FAULT_PLUGIN), os.environ.get("PYTHONPATH")]))
+    killed = start(crashed, env={"PYTHONPATH": plugin, "PLUGFORMER_TEST_FAULT": "row-kill:25"})
+    assert killed.wait(timeout=300) == -signal.SIGKILL, killed.stderr.read()[-3000:]
+    assert checkpoint_step(crashed / "checkpoints" / "last.ckpt") == 25
+    assert 24 not in {row_identity(row)[0] for row in metric_rows(crashed)}  # step 24's row is lost, as feared
+
+    result = run_cli("train", f"resume={crashed}")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    identities = assert_no_duplicate_rows(crashed)
+    assert identities == Counter(row_identity(row) for row in metric_rows(reference))
+    row, expected = (next(r for r in metric_rows(run) if row_identity(r) == (24, "train")) for run in (crashed, reference))
+    assert float(row["train/loss"]) == pytest.approx(float(expected["train/loss"]), rel=1e-6)
+    assert float(row["train/lr"]) == pytest.approx(float(expected["train/lr"]), rel=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Callbacks the core adds to every run: throughput and the history of validation metrics."""
+"""Callbacks the core adds to every run: throughput, the history of validation metrics, and
+what checkpoints record about the run."""
 
 from __future__ import annotations
 
@@ -140,7 +141,56 @@ class RunRecord(pl.Callback):
         self.components = dict(components)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        checkpoint["plugformer"] = {"components": self.components}
+        checkpoint.setdefault("plugformer", {})["components"] = self.components
+
+
+class StepRowInCheckpoint(pl.Callback):
+    """Keeps a training step's metrics row in a checkpoint saved before the row is logged.
+
+    Lightning saves ``every_n_train_steps`` checkpoints in ``on_train_batch_end`` and writes
+    that step's row to the loggers only afterwards. A run killed between the two would resume
+    after the step and never log its row. Such a checkpoint therefore carries the row
+    (``checkpoint["plugformer"]["pending_row"]``), and a run resumed from it logs the row at
+    its step before training on: metrics.csv keeps a row the killed run did write only once,
+    and W&B merges rows logged at one step."""
+
+    def __init__(self) -> None:
+        self._row_pending = False  # between a batch's end and Lightning's logging of its row
+        self._restored: dict[str, Any] | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Checkpoint callbacks run after every other callback (Lightning orders them last).
+        self._row_pending = True
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._row_pending = False
+
+    def on_validation_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._row_pending = False
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._row_pending = False
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        connector = trainer._logger_connector
+        if not (self._row_pending and trainer.training and trainer.loggers and connector.should_update_logs):
+            return
+        values = {name: _scalar(value) for name, value in connector.metrics["log"].items()}
+        checkpoint.setdefault("plugformer", {})["pending_row"] = {
+            "step": trainer.fit_loop.epoch_loop._batches_that_stepped,
+            "metrics": {"epoch": trainer.current_epoch, **{k: v for k, v in values.items() if v is not None}},
+        }
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._restored = (checkpoint.get("plugformer") or {}).get("pending_row")
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        row, self._restored = self._restored, None
+        if row is None or not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics(dict(row["metrics"]), step=int(row["step"]))
+            logger.save()
 
 
 class ValidateAtLastStep(pl.Callback):

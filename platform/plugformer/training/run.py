@@ -29,7 +29,8 @@ from plugformer.provenance import PROVIDERS_KEY, component_providers
 from plugformer.resume import CheckpointInfo, check_matches_checkpoint, read_checkpoint
 from plugformer.threads import apply_threads, processes_on_this_node
 from plugformer.training.callbacks import (
-    LoggingStepAfterResume, MetricHistory, OnTrainStart, RunRecord, ThroughputMonitor, ValidateAtLastStep, final_metrics,
+    LoggingStepAfterResume, MetricHistory, OnTrainStart, RunRecord, StepRowInCheckpoint, ThroughputMonitor, ValidateAtLastStep,
+    final_metrics,
 )
 from plugformer.training import console
 from plugformer.training.library_output import route_library_output
@@ -236,7 +237,7 @@ def _train(state: RunState, plugins: Plugins, ckpt_path: str | None, checkpoint:
         resume_step=checkpoint.global_step if checkpoint is not None else None,
     )
     callbacks, state.history, state.throughput = build_callbacks(cfg, run_dir, hooks)
-    callbacks += [RunRecord(state.components), ValidateAtLastStep()]
+    callbacks += [RunRecord(state.components), StepRowInCheckpoint(), ValidateAtLastStep()]
     if ckpt_path is not None:
         callbacks += [OnTrainStart(lambda: _write_config(run_dir, cfg)), LoggingStepAfterResume()]
     state.trainer = build_trainer(cfg, run_dir, state.loggers, callbacks, state.module)
