@@ -122,6 +122,7 @@ def run_plain(overrides: list[str], total_steps: int) -> tuple[list[float], list
     built = plugformer.build(cfg)
     model, data = built.model, built.data
     model.train()
+    model.objective.metrics_due = False  # a hand-written loop computes the loss only
     optimizer, scheduler = build_optimizer(model, optim_config(cfg), total_steps)
     clip = float(cfg.trainer.gradient_clip_val)
     starts: list[tuple[float, float]] = []

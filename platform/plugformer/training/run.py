@@ -39,6 +39,7 @@ from plugformer.training.checkpointing import (
     AtomicCheckpointIO, remove_orphan_temporaries, replace_atomically, write_json_atomically,
 )
 from plugformer.training.module import TrainingModule
+from plugformer.training.profiler import NoProfiler
 from plugformer.training.tracking import build_loggers, is_wandb, wandb_run_dir
 
 SUMMARY_FILE = "summary.json"
@@ -132,6 +133,8 @@ def build_trainer(
     strategy, whose units are ``model``'s blocks (:mod:`plugformer.training.fsdp`)."""
     options: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     options.setdefault("enable_progress_bar", cfg.callbacks.get("progress_bar", "rich") != "none")
+    if options.get("profiler") is None:
+        options["profiler"] = NoProfiler()
     plugins: list[Any] = [AtomicCheckpointIO()]
     if is_fsdp(options) and model is not None:
         options = fsdp_trainer_arguments(options, model)
