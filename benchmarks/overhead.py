@@ -301,6 +301,15 @@ def kept_plain_cpu(model_table: str) -> float | None:
     return None
 
 
+def load_words(meta: dict[str, Any]) -> str:
+    """How busy the machine was, from the highest 1-minute load average seen (older results
+    without one count as heavily loaded)."""
+    peak = meta.get("peak_load", float("inf"))
+    if peak < 1.6:
+        return "on an otherwise idle machine"
+    return "**under load** from other processes" if peak < 4 else "**under heavy load** from other processes"
+
+
 def report(results: dict[str, Any], earlier: dict[str, str] | None = None) -> str:
     """The section. Parts not in ``results`` but in ``earlier`` (:func:`earlier_section`) are
     kept as they were, under their own measurement's paragraph, and so are the notes."""
@@ -322,8 +331,8 @@ def report(results: dict[str, Any], earlier: dict[str, str] | None = None) -> st
         "not counted), which load from other processes disturbs less than wall time.",
         "",
         f"Machine: {meta['cores']} cores, torch {meta['torch']} with {meta['threads']} thread, Python {meta['python']}; measured "
-        f"{meta['date']} **under heavy load** from other processes (1-minute load average {meta['load']}), so single figures are "
-        "noisy: read the spread. Reproduce (all parts) with "
+        f"{meta['date']} {load_words(meta)} (1-minute load average {meta['load']}; the benchmark itself counts 1): single "
+        "figures vary from run to run, so read the spread. Reproduce (all parts) with "
         "`OMP_NUM_THREADS=1 .venv/bin/python benchmarks/overhead.py` (defaults: 7 repeats of 60 steps after 10; the tiny model "
         "7 repeats of 200 steps after 20; data-wait runs of 100 steps); this section was measured with "
         f"{'; '.join(f'`{command}`' for command in meta['commands'])}.",
@@ -452,6 +461,7 @@ def main() -> None:
         "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(), "python": sys.version.split()[0],
         "date": datetime.date.today().isoformat(),
         "load": ", ".join(filter(None, [meta.get("load"), f"{load_start:.1f}–{os.getloadavg()[0]:.1f}"])),
+        "peak_load": max(meta.get("peak_load", 0.0), load_start, os.getloadavg()[0]),
         "commands": [*meta.get("commands", []), command],
     }
     if args.results:

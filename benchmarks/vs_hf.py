@@ -88,6 +88,8 @@ def make_steps(hf: torch.nn.Module, pf: torch.nn.Module, batch: torch.Tensor, co
     def pf_loss(model: torch.nn.Module) -> torch.Tensor:
         return model(pf_batch).loss
 
+    # As on the steps `plugformer train` does not log: the loss only, no accuracy (HF computes none).
+    pf.objective.metrics_due = False
     steps = {}
     for name, model, loss_of in (("HF", hf, hf_loss), ("plugformer", pf, pf_loss)):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -167,16 +169,16 @@ NOTES = (
     "What a profile (torch.profiler, plugformer vs HF Llama at d_model 128, steps interleaved) shows: both sides spend "
     "over half the step in the same `aten::mm` GEMMs and the same SDPA flash kernel for CPU, so at equal math the eager "
     "step is at parity, not 25% faster. plugformer's edge is fewer, larger matmuls (fused key/value and gate/up "
-    "projections: 63 vs 87 `aten::mm` calls per step, forward and backward) and fewer tensors for AdamW to update; it "
-    "pays for the training metrics its objective computes every step (an `argmax` over batch × length × vocabulary for "
-    "`accuracy`, a few % of the step), for the rotary angles it recomputes in every layer (HF computes them once per "
-    "forward), and, until this table was measured, for a copy of q and k per layer through a concatenation with an empty "
-    "pass-through part (removed). Native grouped-query SDPA (`enable_gqa`) measured faster than repeating key/value heads "
-    "on this CPU, so it stays. The GPT-2 lead at d_model 256 (the one row above target) is one measurement; HF GPT-2's "
-    "Conv1D layers (`addmm` on (in, out) weights) are a likely cause, not verified. On this CPU `torch.compile` gains "
-    "little for either side and bf16 autocast is about 10× slower than float32 (no bf16 matrix units): neither helps "
-    "here. No GPU was available to this run; on CUDA the script moves models and batches to the GPU unchanged. The "
-    "training loop's own per-step cost (Lightning, logging) is not in these numbers: both sides use the same plain loop."
+    "projections: 63 vs 87 `aten::mm` calls per step, forward and backward) and fewer tensors for AdamW to update. Its "
+    "objective computes no accuracy here, as on every training step `plugformer train` does not log (HF computes none). "
+    "It recomputes the rotary angles in every layer (HF once per forward): length × head_dim/2 values, microseconds. "
+    "Native grouped-query SDPA (`enable_gqa`) measured faster than repeating key/value heads on this CPU, so it stays. "
+    "An earlier table, measured under a load average of 13, had a 1.32× row (gpt2 at d_model 256); on a quiet machine "
+    "the same row is at parity, so that lead was noise. On this CPU `torch.compile` gains little for either side, and "
+    "bf16 autocast was about 10× slower than float32 for both (no bf16 matrix units; not rerun). Without a GPU, "
+    "nothing here says how the two compare on CUDA, where the script runs unchanged. The training loop's own per-step "
+    "cost (Lightning, logging) is not in these numbers: both sides use the same plain loop (see \"Platform overhead "
+    "per step\")."
 )
 
 
@@ -189,10 +191,12 @@ def report(rows: list[tuple], args: argparse.Namespace) -> str:
         START, "## vs Hugging Face: a training step", "",
         f"`benchmarks/vs_hf.py` ({datetime.date.today()}, torch {torch.__version__}, transformers {transformers.__version__}, {device}; "
         f"{args.layers} layers, batch {args.batch} × {args.length} tokens, vocabulary {args.vocab}, AdamW; "
-        f"median of {args.repeats} interleaved rounds of {args.steps} steps). Measured on the shared 2-core machine under load "
-        f"(load average {load[0]:.1f} at the end): absolute times are inflated, the ratio is what counts. "
+        f"median of {args.repeats} interleaved rounds of {args.steps} steps). Measured on the shared 2-core machine, load "
+        f"average {load[0]:.1f} at the end ({'other processes were running: absolute times are inflated, ' if load[0] > 2 else ''}"
+        "the ratio is what counts). "
         f"Ratio = HF seconds per step / plugformer seconds per step (plugformer's throughput relative to HF's; target ≥ {TARGET}). "
-        "CPU = the benchmark thread's CPU seconds (time waiting for a core held by another process not counted), the steadier figure under load.",
+        "CPU = the benchmark thread's CPU seconds (time waiting for a core held by another process not counted), the steadier figure under load. "
+        f"Made by `OMP_NUM_THREADS={torch.get_num_threads()} .venv/bin/python benchmarks/vs_hf.py {' '.join(sys.argv[1:])}`.".replace(" `.", "`."),
         "",
         "| model | d_model | variant | HF wall s/step | plugformer wall s/step | wall ratio | HF CPU s/step | plugformer CPU s/step | CPU ratio |",
         "|---|---|---|---|---|---|---|---|---|",
