@@ -14,6 +14,7 @@ from torch import Tensor
 
 from conftest import small_context
 from plugformer.testing import check_component
+from plugformer_plugins.attention.favor_bidirectional import favor_bidirectional
 from plugformer_plugins.attention.performer import PerformerAttention, PerformerConfig, default_num_features, draw_features
 
 
@@ -206,3 +207,36 @@ def test_a_longer_decode_crosses_chunk_boundaries() -> None:
 def test_short_chunks_and_few_iid_features_conform(registry) -> None:
     component = registry.get("attention", "performer")
     check_component(component, PerformerConfig(num_features=5, chunk_size=3, orthogonal=False))
+
+
+@pytest.mark.parametrize("step", [3, 64])
+def test_bidirectional_backward_equals_autograd_through_the_features(step: int) -> None:
+    """favor_bidirectional's hand-written backward against autograd through feature_maps (the
+    explicit φ(q), φ(k)), over several chunks: keys growing along the sequence (each chunk
+    raises the largest exponent, so the sums are re-based), padding, and an example whose keys
+    are all padded (no real key: zeros)."""
+    module = build(False, num_features=24)
+    q, k, v = qkv(20, batch=3)
+    k = k * torch.linspace(0.2, 6.0, 20, dtype=torch.float64)[:, None]
+    mask = torch.ones(3, 20, dtype=torch.bool)
+    mask[1, :4] = False
+    mask[1, -3:] = False
+    mask[2] = False
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    got = favor_bidirectional(q, k, v, module.features, mask, step)
+    phi_q, phi_k = module.feature_maps(q, k, mask)
+    denominator = (phi_q @ phi_k.sum(dim=-2).unsqueeze(-1)).clamp_min(torch.finfo(torch.float64).tiny)
+    expected = (phi_q @ (phi_k.transpose(-1, -2) @ v)) / denominator
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    assert got[2].abs().max() == 0
+    grad = torch.randn_like(got)
+    grad_expected = torch.autograd.grad(expected, (q, k, v), grad)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), grad), grad_expected):
+        # Autograd through the clamped denominator gives the all-padded example S g/tiny (inf,
+        # NaN); here its constant zero output passes no gradient.
+        torch.testing.assert_close(a[:2], b[:2], rtol=1e-9, atol=1e-11)
+        assert a[2].abs().max() == 0
+    # Only k needs a gradient: the same one.
+    k_only = favor_bidirectional(q.detach(), k, v.detach(), module.features, mask, step)
+    (grad_k,) = torch.autograd.grad(k_only, (k,), grad)
+    torch.testing.assert_close(grad_k[:2], grad_expected[1][:2], rtol=1e-9, atol=1e-11)

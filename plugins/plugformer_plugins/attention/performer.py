@@ -38,7 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from plugformer import Attention, AttentionState, BuildContext, Capabilities, Component, bounds
+import plugformer.attention as attention_core
 from plugformer.attention import ChunkSource, chunk_count, recomputed_chunks
+from plugformer_plugins.attention.favor_bidirectional import favor_bidirectional
 from plugformer_plugins.attention.linear import RecurrentState, exclusive_cumsum, group_length
 
 
@@ -225,54 +227,19 @@ class PerformerAttention(Attention):
 
     def _bidirectional(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         """The same FAVOR+ sums as :meth:`feature_maps` + attend, chunk by chunk through
-        :func:`recomputed_chunks`: first the (detached) largest key exponent, then Σφ(k)vᵀ and
-        Σφ(k) over key chunks, then each chunk of queries; the (length × features) feature
-        maps are never kept for the backward pass."""
+        :func:`favor_bidirectional` (a hand-written backward): Σφ(k)vᵀ and Σφ(k) over key
+        chunks, then each chunk of queries; the (length × features) feature maps are never
+        kept for the backward pass, which recomputes them once."""
         dtype = torch.promote_types(q.dtype, torch.float32)
-        scale = self.head_dim**-0.25
-        w = self.features.to(dtype)
-        half_norms = 0.5 * (w * w).sum(dim=-1)  # ‖w_f‖²/2, (m,)
-        k_length, length, head_dim = k.shape[-2], q.shape[-2], v.shape[-1]
-        step = chunk_count(max(length, k_length), q[..., :1, :1].numel() * self.num_features * 2, slices=q[..., :1, :1].numel())
-        q_src, k_src, v_src = (ChunkSource(t) for t in (q, k, v))  # no full-size gradient per chunk
-
-        def log_k(start: int, stop: int) -> Tensor:
-            xk = k_src.narrow(-2, start, stop - start).to(dtype) * scale
-            return torch.matmul(xk, w.T) - 0.5 * (xk * xk).sum(dim=-1, keepdim=True) - half_norms
-
-        def real(start: int, stop: int) -> Tensor | None:
-            return None if key_padding_mask is None else key_padding_mask[:, None, start:stop, None].bool()
-
-        # A constant over every key a query sees cancels; the largest real one avoids underflow.
-        with torch.no_grad():
-            top = None
-            for start in range(0, k_length, step):
-                stop = min(k_length, start + step)
-                hidden, mask = log_k(start, stop), real(start, stop)
-                hidden = hidden if mask is None else hidden.masked_fill(~mask, float("-inf"))
-                part = hidden.amax(dim=(-2, -1), keepdim=True)
-                top = part if top is None else torch.maximum(top, part)
-            top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-
-        def key_sums(start: int, stop: int) -> Tensor:  # (b, h, m, hd + 1): [Σφ(k)vᵀ | Σφ(k)]
-            phi_k = torch.exp(log_k(start, stop) - top)
-            mask = real(start, stop)
-            if mask is not None:
-                phi_k = phi_k * mask.to(dtype)
-            values = v_src.narrow(-2, start, stop - start).to(dtype)
-            return torch.cat([torch.matmul(phi_k.transpose(-1, -2), values), phi_k.sum(dim=-2).unsqueeze(-1)], dim=-1)
-
-        sums = recomputed_chunks(key_sums, k_length, step, dim=None)
-        kv, z = sums[..., :head_dim], sums[..., head_dim:]
-
-        def queries(start: int, stop: int) -> Tensor:
-            log_q = torch.matmul(q_src.narrow(-2, start, stop - start).to(dtype) * scale, w.T) + half_norms
-            phi_q = torch.exp(log_q - log_q.amax(dim=-1, keepdim=True).detach())
-            # A query that sees no (non-underflowed) key has numerator and denominator 0: output 0.
-            denominator = torch.matmul(phi_q, z).clamp_min(torch.finfo(dtype).tiny)
-            return (torch.matmul(phi_q, kv) / denominator).to(v.dtype)
-
-        return recomputed_chunks(queries, length, step, dim=-2)
+        length, k_length = q.shape[-2], k.shape[-2]
+        slices = q[..., :1, :1].numel()
+        # No checkpoint or autograd graph per chunk: chunks of 4× the usual budget (their
+        # (tokens × features) intermediates about 1 MiB each at 4 heads, a few alive at once)
+        # halve the time of small ones and stay far below the fused full kernel's memory.
+        budget = 4 * attention_core.CHUNK_ELEMENTS
+        step = chunk_count(max(length, k_length), slices * self.num_features * 2, slices=slices, budget=budget)
+        mask = None if key_padding_mask is None else key_padding_mask.bool()
+        return favor_bidirectional(q, k, v, self.features.to(dtype), mask, step)
 
 
 COMPONENT = Component(
