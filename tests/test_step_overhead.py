@@ -270,3 +270,22 @@ def test_a_partial_benchmark_rerun_keeps_the_other_parts_and_the_notes(tmp_path:
     twice = overhead.earlier_section(out)
     assert twice["model"] == earlier["model"] and twice["data"] == earlier["data"] and "load average 9.0" in twice["model_machine"]
     assert twice["tiny"].split("\n", 1)[1] in text and "load average 3.0" not in twice["model_machine"]
+
+
+def test_logged_values_average_right_through_the_lightning_fastpaths() -> None:
+    """With the fast path installed (as every run installs it), a record that ``log`` finds on
+    the value's device is left as it is, and its epoch mean is still the mean of what was
+    logged; a move spelled otherwise goes through Lightning's own path, same values."""
+    from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
+
+    from plugformer.training.lightning_fastpaths import install
+
+    install()
+    install()  # idempotent: the original is wrapped once
+    results = _ResultCollection(training=True)
+    values = [1.0, 2.0, 6.0]
+    for value in values:
+        results.log("training_step", "loss", torch.tensor(value), on_step=False, on_epoch=True, batch_size=2)
+    record = results["training_step.loss"]
+    assert float(record.compute()) == pytest.approx(sum(values) / len(values))
+    assert float(record.to("cpu").compute()) == pytest.approx(sum(values) / len(values))

@@ -39,7 +39,7 @@ from plugformer.training.checkpointing import (
     AtomicCheckpointIO, remove_orphan_temporaries, replace_atomically, write_json_atomically,
 )
 from plugformer.training.module import TrainingModule
-from plugformer.training.profiler import NoProfiler
+from plugformer.training.lightning_fastpaths import NoProfiler, install as install_lightning_fastpaths
 from plugformer.training.tracking import build_loggers, is_wandb, wandb_run_dir
 
 SUMMARY_FILE = "summary.json"
@@ -131,6 +131,7 @@ def build_trainer(
 ) -> pl.Trainer:
     """The Lightning Trainer for ``cfg.trainer``; with ``strategy: fsdp`` the platform's FSDP
     strategy, whose units are ``model``'s blocks (:mod:`plugformer.training.fsdp`)."""
+    install_lightning_fastpaths()
     options: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)  # type: ignore[assignment]
     options.setdefault("enable_progress_bar", cfg.callbacks.get("progress_bar", "rich") != "none")
     if options.get("profiler") is None:
