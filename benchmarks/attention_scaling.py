@@ -23,6 +23,11 @@ log-log plot. Usage:
 
     .venv/bin/python benchmarks/attention_scaling.py [--lengths 1024 2048 ...] [--repeats 5]
         [--threads N] [--variants full local ...] [--causal] [--out BENCHMARKS.md] [--plot PNG]
+        [--results raw.json]
+
+``--results`` keeps the measurements in a JSON file, so that a few variants can be measured
+again (with full and full+mask, their baselines) and the table is assembled from both runs,
+saying which rows were measured when.
 """
 
 from __future__ import annotations
@@ -283,16 +288,49 @@ def plot(all_results: dict, lengths: list[int], variants: list[str], path: Path,
     plt.close(fig)
 
 
-def section(all_results: dict, args: argparse.Namespace, info: dict, out: Path, png: Path, variants: list[str], skipped: list[str]) -> str:
+def load_results(path: Path | None) -> dict[str, dict]:
+    """Earlier measurements from ``--results``: device → {(variant, length): value}."""
+    if path is None or not path.exists():
+        return {}
+    raw = json.loads(path.read_text())
+    return {
+        device: {(key.rsplit("@", 1)[0], int(key.rsplit("@", 1)[1])): value for key, value in results.items()}
+        for device, results in raw.items()
+    }
+
+
+def save_results(path: Path, all_results: dict[str, dict]) -> None:
+    raw = {device: {f"{v}@{n}": value for (v, n), value in results.items()} for device, results in all_results.items()}
+    path.write_text(json.dumps(raw, indent=1, sort_keys=True))
+
+
+def when_measured(all_results: dict[str, dict]) -> str:
+    """Which variants were measured when, for a table assembled from several runs."""
+    runs: dict[str, set[str]] = {}
+    for results in all_results.values():
+        for (variant, _), value in results.items():
+            if value:
+                runs.setdefault(str(value.get("measured", "an earlier run")), set()).add(variant)
+    if len(runs) <= 1:
+        return ""
+    parts = [f"{when}: {', '.join(sorted(variants))}" for when, variants in sorted(runs.items())]
+    return " Assembled from measurements at different times (`--results`): " + "; ".join(parts) + "."
+
+
+def section(
+    all_results: dict, args: argparse.Namespace, info: dict, out: Path, png: Path, variants: list[str], skipped: list[str],
+    lengths: list[int],
+) -> str:
     from plugformer.plugins import load_plugins
 
     registry = load_plugins().registry
     costs = {v: registry.get("attention", v.removesuffix("+mask")).capabilities_for().cost or "" for v in variants}
-    lengths, mode = sorted(args.lengths), "causal" if args.causal else "bidirectional"
+    mode = "causal" if args.causal else "bidirectional"
     command = (
         f"`.venv/bin/python benchmarks/attention_scaling.py --lengths {' '.join(map(str, lengths))} "
         f"--repeats {args.repeats} --threads {info['threads']}{' --causal' if args.causal else ''}"
-        + (f" --variants {' '.join(args.variants)}" if args.variants else "") + "`"
+        + (f" --variants {' '.join(args.variants)}" if args.variants else "")
+        + (f" --results {args.results.name}" if args.results else "") + "`"
     )
     lines = [
         START,
@@ -316,7 +354,8 @@ def section(all_results: dict, args: argparse.Namespace, info: dict, out: Path, 
         f"thread(s), Python {info['python']}" + (f", GPU {info['gpu']}" if "gpu" in info else "")
         + f"; 1-minute load average {info['load']:.1f} at the end; measured "
         f"{datetime.date.today().isoformat()}. Reproduce with {command}."
-        + (f" Not measured ({mode} mode not provided): {', '.join(skipped)}." if skipped else ""),
+        + (f" Not measured ({mode} mode not provided): {', '.join(skipped)}." if skipped else "")
+        + when_measured(all_results),
         "",
     ]
     for device, results in all_results.items():
@@ -337,6 +376,10 @@ def main() -> None:
     parser.add_argument("--causal", action="store_true", help="causal layers (default: bidirectional, as in LRA)")
     parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     parser.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "attention_scaling.png")
+    parser.add_argument(
+        "--results", type=Path, help="a JSON file of earlier measurements: the variants and lengths measured now replace "
+        "theirs, the others are kept and shown (with when each was measured), and everything is saved back",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -354,18 +397,25 @@ def main() -> None:
     variants = [v for v in wanted if supports(v, args.causal)]
     skipped = [v for v in wanted if v not in variants]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    all_results: dict[str, dict] = {}
+    all_results = load_results(args.results)
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     for device in devices:
         results = all_results.setdefault(device, {})
         for length in lengths:
             for variant in variants:
-                results[(variant, length)] = value = run_worker(variant, length, device, args.repeats, args.threads, args.causal)
+                value = run_worker(variant, length, device, args.repeats, args.threads, args.causal)
+                results[(variant, length)] = value and {**value, "measured": now, "load": os.getloadavg()[0]}
                 if value:
                     print(f"{device} {variant:>12} {length:>6}: {value['time_ms']:9.1f} ms {value['memory_mib']:9.1f} MiB", flush=True)
+    if args.results:
+        save_results(args.results, all_results)
+        lengths = sorted({n for results in all_results.values() for _, n in results})
+        measured = {v for results in all_results.values() for v, _ in results}
+        variants = [v for v in [*registered_attentions(), "full+mask"] if v in measured]
     out, png = args.out.resolve(), args.plot.resolve()
     mode = "causal" if args.causal else "bidirectional"
     plot(all_results, lengths, variants, png, mode)
-    write_section(out, section(all_results, args, machine(args.threads), out, png, variants, skipped), START, END)
+    write_section(out, section(all_results, args, machine(args.threads), out, png, variants, skipped, lengths), START, END)
     for device, results in all_results.items():
         print(findings(results, lengths, variants, device))
     print(f"wrote {out} and {png}")
