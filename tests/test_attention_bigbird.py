@@ -145,13 +145,18 @@ def test_no_score_tensor_is_n_by_n(monkeypatch):
     """O(n): every score block has (g + w + r)·b keys, except the g·b global rows."""
     module = build(BigBirdConfig(block_size=4, window_blocks=3, global_blocks=1, random_blocks=2))
     shapes = []
-    original = type(module).explicit_attend
 
-    def record(self, q, k, v, allowed, q_positions, k_positions):
-        shapes.append((q.shape[-2], k.shape[-2]))
-        return original(self, q, k, v, allowed, q_positions, k_positions)
+    def recording(name):  # the fused (masked_attend) and the explicit score paths
+        original = getattr(type(module), name)
 
-    monkeypatch.setattr(type(module), "explicit_attend", record)
+        def record(self, q, k, v, allowed, q_positions, k_positions):
+            shapes.append((q.shape[-2], k.shape[-2]))
+            return original(self, q, k, v, allowed, q_positions, k_positions)
+
+        monkeypatch.setattr(type(module), name, record)
+
+    recording("explicit_attend")
+    recording("masked_attend")
     n = 256
     with torch.no_grad():
         module(torch.randn(1, n, 32))

@@ -127,13 +127,18 @@ def test_no_score_tensor_is_n_by_n(monkeypatch):
     """O(n·(w + g)): every score block has at most 3·w + g keys, except the g global rows."""
     module = build(LongformerConfig(window=4, global_tokens=[0, 50]), causal=False)
     shapes = []
-    original = type(module).explicit_attend
 
-    def record(self, q, k, v, allowed, q_positions, k_positions):
-        shapes.append((q.shape[-2], k.shape[-2]))
-        return original(self, q, k, v, allowed, q_positions, k_positions)
+    def recording(name):  # the fused (masked_attend) and the explicit score paths
+        original = getattr(type(module), name)
 
-    monkeypatch.setattr(type(module), "explicit_attend", record)
+        def record(self, q, k, v, allowed, q_positions, k_positions):
+            shapes.append((q.shape[-2], k.shape[-2]))
+            return original(self, q, k, v, allowed, q_positions, k_positions)
+
+        monkeypatch.setattr(type(module), name, record)
+
+    recording("explicit_attend")
+    recording("masked_attend")
     n = 256
     with torch.no_grad():
         module(torch.randn(1, n, 32))

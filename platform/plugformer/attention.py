@@ -321,13 +321,52 @@ class Attention(nn.Module):
         extra dimensions between heads and length (blocks); positions then carry them too.
         ``k``/``v`` may be :class:`ChunkSource` s of the whole keys/values (a chunk of queries
         that sees every key): their gradients then accumulate in place."""
+        return self._explicit(q, k, v, allowed, q_positions, k_positions, self.score_terms(q, q_positions, k_positions))
+
+    def masked_attend(
+        self, q: Tensor, k: Tensor | ChunkSource, v: Tensor | ChunkSource, allowed: Tensor, q_positions: Tensor,
+        k_positions: Tensor,
+    ) -> Tensor:
+        """:meth:`explicit_attend`'s contract (the same values, to rounding), through torch's
+        fused ``scaled_dot_product_attention`` when nothing needs the explicit scores: the
+        position adds no score or value terms, no attention dropout is active and k/v are
+        tensors. On CPU the fused kernel is one call forward and one backward instead of a
+        dozen, and it keeps only a logsumexp per query row for the backward pass (not the
+        scores or weights). q/k/v may carry extra dimensions between heads and length, as in
+        :meth:`explicit_attend`; ``allowed`` broadcasts to the scores."""
+        terms = self.score_terms(q, q_positions, k_positions)
+        explicit = (
+            terms is not None or self.has_relative_values or (self.training and self.dropout > 0)
+            or isinstance(k, ChunkSource) or isinstance(v, ChunkSource)
+        )
+        if explicit:
+            return self._explicit(q, k, v, allowed, q_positions, k_positions, terms)
+        lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        q_length, k_length = q.shape[-2], k.shape[-2]
+        safe, visible = no_key_fallback(allowed)
+
+        def merged(x: Tensor) -> Tensor:  # (*lead, L, e) → (1, prod(lead), L, e): SDPA's fused CPU kernel is 4-D
+            return x.expand(*lead, *x.shape[-2:]).reshape(1, -1, *x.shape[-2:])
+
+        out = F.scaled_dot_product_attention(merged(q), merged(k), merged(v), attn_mask=merged(safe), scale=self.scale)
+        out = out.view(*lead, q_length, v.shape[-1])
+        # Zeroing costs a backward pass over the output; on the CPU it is skipped when every
+        # query sees a key (reading the flag there needs no device synchronisation).
+        if out.device.type != "cpu" or not bool(visible.all()):
+            out = out.masked_fill(~visible, 0.0)
+        return out
+
+    def _explicit(
+        self, q: Tensor, k: Tensor | ChunkSource, v: Tensor | ChunkSource, allowed: Tensor, q_positions: Tensor,
+        k_positions: Tensor, terms: Tensor | None,
+    ) -> Tensor:
+        """:meth:`explicit_attend` given the position's score terms (None: none)."""
         # In-place steps act on fresh tensors no backward needs, saving copies of the scores.
         if isinstance(k, ChunkSource):
             scores = k.matmul(q * self.scale, transpose=True)
         else:
             scores = torch.matmul(q * self.scale, k.transpose(-1, -2))
         scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
-        terms = self.score_terms(q, q_positions, k_positions)
         if terms is not None:
             scores.add_(terms.to(scores.dtype))
         # A finite fill gives masked keys exactly zero weight and rows without any visible key

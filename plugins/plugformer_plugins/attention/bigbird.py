@@ -174,7 +174,7 @@ class BigBirdAttention(Attention):
 
             key_ok = gather_tokens(valid_blocks) & slots[first:last].repeat_interleave(b, dim=-1)  # (batch, mc, Lk)
             q_part = q.narrow(2, (g + first) * b, (last - first) * b).unflatten(2, (last - first, b))
-            return self.explicit_attend(
+            return self.masked_attend(
                 q_part, gather(k), gather(v), key_ok[:, None, :, None, :],
                 position_blocks[:, g + first : g + last], gather_tokens(position_blocks),
             )

@@ -222,7 +222,7 @@ class SlidingWindowAttention(Attention):
             k_windows, v_windows, allowed, k_positions = self._append_extra(
                 extra, k_windows, v_windows, allowed, k_positions, block, first=first
             )
-        return self.explicit_attend(q_blocks, k_windows, v_windows, allowed, q_positions, k_positions)
+        return self.masked_attend(q_blocks, k_windows, v_windows, allowed, q_positions, k_positions)
 
     def _append_extra(
         self, extra: ExtraKeys, k_windows: Tensor, v_windows: Tensor, allowed: Tensor, k_positions: Tensor, block: int,
