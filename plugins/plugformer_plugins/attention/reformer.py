@@ -183,9 +183,12 @@ class LSHAttention(Attention):
 
             k_empty, k_tokens = k_index == n, k_index.clamp_max(n - 1)
             # The queries of a chunk are the second half of its keys' slots: read q once.
-            q_window = q.take(k_tokens).masked_fill(k_empty[..., None], 0.0)
+            # Empty slots read the last token: ``allowed`` gives them exactly zero weight as
+            # keys and the merge's spare row (zero gradient) as queries, so nothing they read
+            # reaches an output or a gradient.
+            q_window = q.take(k_tokens)
             k_window = F.normalize(q_window, dim=-1)
-            v_window = v.take(k_tokens).masked_fill(k_empty[..., None], 0.0)
+            v_window = v.take(k_tokens)
             q_slots = q_window[..., c:, :]
             q_bucket, k_bucket = at(buckets, q_index, -1), at(buckets, k_index, -1)
             k_real = ~k_empty
@@ -291,13 +294,35 @@ class _RowGradient:
         return self.buffer
 
 
-def _row_index(index: Tensor, head_dim: int) -> Tensor:
+def _rows_of(x: Tensor) -> tuple[Tensor, Tensor, int] | None:
+    """``x`` (batch, heads, n, d) as a (rows, d) view of its memory, the row of token 0 of each
+    (batch, head) (batch, heads, 1) and the rows between consecutive tokens; None when its
+    rows are not whole d-vectors (then :func:`_gather_rows` gathers element by element)."""
+    d = x.shape[-1]
+    if x.stride(-1) != 1 or any(stride % d for stride in x.stride()[:-1]):
+        return None
+    s0, s1, s2 = (stride // d for stride in x.stride()[:-1])
+    rows = 1 + sum((size - 1) * stride for size, stride in zip(x.shape[:-1], (s0, s1, s2)))
+    flat = x.as_strided((rows, d), (d, 1), x.storage_offset())
+    base = (torch.arange(x.shape[0], device=x.device) * s0)[:, None, None] + (torch.arange(x.shape[1], device=x.device) * s1)[None, :, None]
+    return flat, base, s2
+
+
+def _flat_index(index: Tensor, base: Tensor, step: int) -> Tensor:
+    """Row numbers of tokens ``index`` (batch, heads, ...) in a :func:`_rows_of` view, flat."""
     flat = index.flatten(2)
-    return flat[..., None].expand(*flat.shape, head_dim)
+    return (flat * step + base if step != 1 else flat + base).reshape(-1)
 
 
 def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
-    return x.gather(2, _row_index(index, x.shape[-1])).view(*index.shape, x.shape[-1])
+    """Rows ``index`` (batch, heads, ...) of each head of ``x``: one whole-row copy per token
+    (index_select) where the layout allows, else a gather."""
+    rows = _rows_of(x)
+    if rows is None:
+        flat = index.flatten(2)
+        return x.gather(2, flat[..., None].expand(*flat.shape, x.shape[-1])).view(*index.shape, x.shape[-1])
+    flat_x, base, step = rows
+    return flat_x.index_select(0, _flat_index(index, base, step)).view(*index.shape, x.shape[-1])
 
 
 class _HeadRowsRoot(torch.autograd.Function):
@@ -327,9 +352,10 @@ class _HeadRowsTake(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor | None) -> tuple[None, None, None]:  # type: ignore[override]
         if grad is not None:
-            buffer = ctx.gradient.get()
-            flat = grad.reshape(*ctx.index.shape[:2], -1, grad.shape[-1]).to(buffer.dtype)
-            buffer.scatter_add_(2, _row_index(ctx.index, grad.shape[-1]), flat)
+            buffer = ctx.gradient.get()  # contiguous: its rows are whole d-vectors
+            flat_buffer, base, step = _rows_of(buffer)
+            rows = _flat_index(ctx.index, base, step)
+            flat_buffer.index_add_(0, rows, grad.reshape(-1, grad.shape[-1]).to(buffer.dtype))
         return None, None, None
 
 
