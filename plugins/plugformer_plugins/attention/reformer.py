@@ -169,6 +169,9 @@ class LSHAttention(Attention):
             slots = token_of_slot.view(batch, heads, n_chunks, c)
             rows = merge.rows(slots)  # each slot's row in the merge (empty slots: its spare row)
             empty = torch.full_like(slots[:, :, :1], n)
+            within = torch.arange(c, device=slots.device)
+            # Causal: key slot c + u of a chunk is later than its query t when u > t.
+            later_keys = torch.cat([torch.zeros(c, c, dtype=torch.bool, device=slots.device), within[None, :] > within[:, None]], dim=1)
 
         def chunk(first: int, last: int) -> Tensor:
             """Sorted chunks first ≤ j < last, merged; returns their zero handle."""
@@ -190,25 +193,33 @@ class LSHAttention(Attention):
             k_window = F.normalize(q_window, dim=-1)
             v_window = v.take(k_tokens)
             q_slots = q_window[..., c:, :]
-            q_bucket, k_bucket = at(buckets, q_index, -1), at(buckets, k_index, -1)
-            k_real = ~k_empty
+            # Chunks are aligned to their bucket: every query of a chunk has the bucket of its
+            # first slot, the chunk's own keys are in index order and the previous chunk's
+            # keys come earlier. So what a query sees is a per-key condition (real, same
+            # bucket), the causal order within the chunk, and its own key (key slot c + t of
+            # query t) only when it sees no other; an empty query slot (it feeds the merge's
+            # spare row) may see anything.
+            key_ok = ~k_empty & (at(buckets, k_index, -1) == at(buckets, q_index[..., :1], -1))
             if valid is not None:
-                k_real = k_real & at(valid, k_index, False)
-
-            allowed = k_real[..., None, :] & (k_bucket[..., None, :] == q_bucket[..., :, None])
+                key_ok = key_ok & at(valid, k_index, False)
+            own = key_ok[..., c:]  # (…, c): query t's own key
+            earlier = key_ok[..., :c].sum(dim=-1, keepdim=True)
+            visible = earlier + (own.cumsum(dim=-1) if self.causal else own.sum(dim=-1, keepdim=True))
+            alone = visible == own.long()  # no key but its own (or none at all)
+            seen = own | ~alone
+            blocked = (~key_ok)[..., None, :].expand(*key_ok.shape[:-1], c, 2 * c)
             if self.causal:
-                allowed = allowed & (k_index[..., None, :] <= q_index[..., :, None])
-            itself = k_index[..., None, :] == q_index[..., :, None]
-            others = allowed & ~itself
-            allowed = others | (allowed & ~others.any(dim=-1, keepdim=True))
+                blocked = blocked | later_keys
+            else:
+                blocked = blocked.clone()
+            blocked.diagonal(c, -2, -1).logical_or_(~alone)
 
             scores = torch.matmul(q_slots * self.scale, k_window.transpose(-1, -2))
             scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
             # The finite fill gives keys outside ``allowed`` exactly zero weight; rows that see
             # nothing get uniform weights and are zeroed at the output.
-            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+            scores = scores.masked_fill(blocked, torch.finfo(scores.dtype).min)
             probs = torch.softmax(scores, dim=-1)
-            seen = allowed.any(dim=-1)
             weights = probs.to(v.dtype)
             if self.training and self.dropout > 0:
                 weights = F.dropout(weights, p=self.dropout)
@@ -220,7 +231,7 @@ class LSHAttention(Attention):
                 out = out * torch.exp(lse - lse.detach())[..., None].to(out.dtype)
             else:
                 with torch.no_grad():
-                    lse = torch.logsumexp(scores, dim=-1)
+                    lse = _logsumexp(scores, probs)
             lse = lse.masked_fill(~seen, torch.finfo(lse.dtype).min)
             dtype = torch.promote_types(out.dtype, lse.dtype)  # exact for both
             part = torch.cat([out.to(dtype), lse.to(dtype).unsqueeze(-1)], dim=-1)
@@ -240,12 +251,20 @@ class _LogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores: Tensor, probs: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(probs)
-        return torch.logsumexp(scores, dim=-1)
+        return _logsumexp(scores, probs)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (probs,) = ctx.saved_tensors
         return grad[..., None] * probs, None
+
+
+def _logsumexp(scores: Tensor, probs: Tensor) -> Tensor:
+    """logsumexp(scores) over the last dimension from the softmax ``probs`` already formed:
+    s_j − log p_j for the largest score s_j, whose weight p_j ≥ 1/keys keeps the logarithm
+    well conditioned (equal to torch.logsumexp to rounding; two reductions instead of its
+    several passes over the scores)."""
+    return scores.amax(dim=-1) - probs.amax(dim=-1).log()
 
 
 def _packed_dtype(*dtypes: torch.dtype) -> torch.dtype:
