@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 
 from plugformer.components import batch_token_count
+from plugformer.training.metrics_csv import PersistentCSVLogger
 
 
 def _scalar(value: Any) -> float | None:
@@ -151,8 +152,8 @@ class StepRowInCheckpoint(pl.Callback):
     that step's row to the loggers only afterwards. A run killed between the two would resume
     after the step and never log its row. Such a checkpoint therefore carries the row
     (``checkpoint["plugformer"]["pending_row"]``), and a run resumed from it logs the row at
-    its step before training on: metrics.csv keeps a row the killed run did write only once,
-    and W&B merges rows logged at one step."""
+    its step before training on, unless metrics.csv shows that it was logged (the CSV logger
+    comes first; a resume of a finished run, whose last checkpoint was saved so, finds it)."""
 
     def __init__(self) -> None:
         self._row_pending = False  # between a batch's end and Lightning's logging of its row
@@ -188,8 +189,11 @@ class StepRowInCheckpoint(pl.Callback):
         row, self._restored = self._restored, None
         if row is None or not trainer.is_global_zero:
             return
+        step, names = int(row["step"]), list(row["metrics"])
+        if any(isinstance(logger, PersistentCSVLogger) and logger.has_row(step, names) for logger in trainer.loggers):
+            return
         for logger in trainer.loggers:
-            logger.log_metrics(dict(row["metrics"]), step=int(row["step"]))
+            logger.log_metrics(dict(row["metrics"]), step=step)
             logger.save()
 
 

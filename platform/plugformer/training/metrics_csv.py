@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,16 @@ class PersistentCSVLogger(CSVLogger):
     def __init__(self, save_dir: str, keep_before_step: int | None = None) -> None:
         super().__init__(save_dir=save_dir, name="", version="", flush_logs_every_n_steps=1)
         self._keep_before_step = keep_before_step
+
+    def has_row(self, step: int, names: Iterable[str]) -> bool:
+        """Whether metrics.csv already holds a row logged at ``step`` with exactly the metrics
+        ``names`` (``step`` and ``epoch`` aside)."""
+        path = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+        if not path.is_file():
+            return False
+        wanted = (step, frozenset(names) - {"step", "epoch"})
+        with open(path, newline="") as file:
+            return any(_row_key(row) == wanted for row in csv.DictReader(file))
 
     @property
     @rank_zero_experiment
