@@ -145,18 +145,18 @@ def machine(threads: int | None) -> dict:
     return info
 
 
-def overtakes(results: dict, variant: str, baseline: str, metric: str, lengths: list[int]) -> int | None:
+def overtakes(results: Results, variant: str, baseline: str, metric: str, lengths: list[int]) -> int | None:
     """The shortest length from which ``variant`` beats ``baseline`` at every longer length."""
     first = None
     for length in reversed(lengths):
-        mine, theirs = results.get((variant, length)), results.get((baseline, length))
+        mine, theirs = results.get((variant, length)), results.baseline(variant, baseline, length)
         if mine is None or theirs is None or mine[metric] >= theirs[metric]:
             break
         first = length
     return first
 
 
-def comparison(results: dict, variant: str, baseline: str, lengths: list[int]) -> str:
+def comparison(results: Results, variant: str, baseline: str, lengths: list[int]) -> str:
     """'<variant> is faster than <baseline> from length n on and uses less memory ...'."""
     phrases = {
         "time_ms": ("is faster than", "is not faster than"),
@@ -182,7 +182,7 @@ def growth(results: dict, variant: str, lengths: list[int]) -> float | None:
     return a["memory_mib"] / b["memory_mib"] if a and b and b["memory_mib"] > 0 else None
 
 
-def findings(results: dict, lengths: list[int], variants: list[str], device: str) -> str:
+def findings(results: Results, lengths: list[int], variants: list[str], device: str) -> str:
     """Where each variant overtakes full attention, and which variants' memory grows linearly."""
     sentences = []
     for baseline in ("full", "full+mask"):
@@ -213,12 +213,11 @@ def table(results: dict, lengths: list[int], variants: list[str], metric: str) -
     return lines
 
 
-def summary(results: dict, lengths: list[int], variants: list[str], costs: dict[str, str]) -> list[str]:
+def summary(results: Results, lengths: list[int], variants: list[str], costs: dict[str, str]) -> list[str]:
     """At the reference length (4096, or the longest below it): speed-up over full (the fused
     kernel) and over full+mask (the explicit n×n path, what LRA's vanilla Transformer runs)
     beside LRA's Table 2, memory relative to full, and memory growth to the longest length."""
     at = max((n for n in lengths if n <= 4096), default=lengths[-1])
-    full, explicit = results.get(("full", at)), results.get(("full+mask", at))
 
     def speedup(base: dict | None, mine: dict | None) -> str:
         return f"{base['time_ms'] / mine['time_ms']:.2f}×" if mine and base else "—"
@@ -230,6 +229,7 @@ def summary(results: dict, lengths: list[int], variants: list[str], costs: dict[
     ]
     for variant in variants:
         mine = results.get((variant, at))
+        full, explicit = results.baseline(variant, "full", at), results.baseline(variant, "full+mask", at)
         memory = f"{mine['memory_mib'] / full['memory_mib']:.2f}" if mine and full and full["memory_mib"] > 0 else "—"
         lra = f"{LRA_SPEEDUP_4K[variant]}×" if variant in LRA_SPEEDUP_4K else "—"
         g = growth(results, variant, lengths)
@@ -288,19 +288,58 @@ def plot(all_results: dict, lengths: list[int], variants: list[str], path: Path,
     plt.close(fig)
 
 
-def load_results(path: Path | None) -> dict[str, dict]:
-    """Earlier measurements from ``--results``: device → {(variant, length): value}."""
+BASELINES = ("full", "full+mask")
+
+
+class Results(dict):
+    """One device's measurements, ``(variant, length) → value``. ``archive``: measurements of
+    the baselines that a later run replaced, by the time of the run that made them, so that a
+    variant kept from an earlier run is still compared with the baselines of its own run."""
+
+    def __init__(self, values: dict | None = None, archive: dict | None = None) -> None:
+        super().__init__(values or {})
+        self.archive: dict[str, dict] = archive or {}
+
+    def replace(self, key: tuple[str, int], value: dict | None) -> None:
+        old = self.get(key)
+        if key[0] in BASELINES and old and value and old.get("measured") != value.get("measured"):
+            self.archive.setdefault(str(old.get("measured")), {})[key] = old
+        self[key] = value
+
+    def baseline(self, variant: str, baseline: str, length: int) -> dict | None:
+        """``baseline`` at ``length`` as measured in the run that measured ``variant`` there."""
+        mine, theirs = self.get((variant, length)), self.get((baseline, length))
+        stamp = mine.get("measured") if mine else None
+        if theirs and stamp and theirs.get("measured") != stamp:
+            return self.archive.get(stamp, {}).get((baseline, length), theirs)
+        return theirs
+
+
+def _keyed(raw: dict) -> dict:
+    return {(key.rsplit("@", 1)[0], int(key.rsplit("@", 1)[1])): value for key, value in raw.items()}
+
+
+def _flat(values: dict) -> dict:
+    return {f"{v}@{n}": value for (v, n), value in values.items()}
+
+
+def load_results(path: Path | None) -> dict[str, Results]:
+    """Earlier measurements from ``--results``: device → Results."""
     if path is None or not path.exists():
         return {}
     raw = json.loads(path.read_text())
     return {
-        device: {(key.rsplit("@", 1)[0], int(key.rsplit("@", 1)[1])): value for key, value in results.items()}
-        for device, results in raw.items()
+        device: Results(_keyed(stored["results"]), {when: _keyed(v) for when, v in stored.get("archive", {}).items()})
+        if "results" in stored else Results(_keyed(stored))  # the first format: measurements only
+        for device, stored in raw.items()
     }
 
 
-def save_results(path: Path, all_results: dict[str, dict]) -> None:
-    raw = {device: {f"{v}@{n}": value for (v, n), value in results.items()} for device, results in all_results.items()}
+def save_results(path: Path, all_results: dict[str, Results]) -> None:
+    raw = {
+        device: {"results": _flat(results), "archive": {when: _flat(v) for when, v in results.archive.items()}}
+        for device, results in all_results.items()
+    }
     path.write_text(json.dumps(raw, indent=1, sort_keys=True))
 
 
@@ -314,7 +353,10 @@ def when_measured(all_results: dict[str, dict]) -> str:
     if len(runs) <= 1:
         return ""
     parts = [f"{when}: {', '.join(sorted(variants))}" for when, variants in sorted(runs.items())]
-    return " Assembled from measurements at different times (`--results`): " + "; ".join(parts) + "."
+    return (
+        " Assembled from measurements at different times (`--results`): " + "; ".join(parts) + ". Each variant's "
+        "speed-ups, memory ratio and comparisons are against full and full+mask as measured in its own run."
+    )
 
 
 def section(
@@ -397,14 +439,14 @@ def main() -> None:
     variants = [v for v in wanted if supports(v, args.causal)]
     skipped = [v for v in wanted if v not in variants]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    all_results = load_results(args.results)
+    all_results = load_results(args.results)  # device → Results
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     for device in devices:
-        results = all_results.setdefault(device, {})
+        results = all_results.setdefault(device, Results())
         for length in lengths:
             for variant in variants:
                 value = run_worker(variant, length, device, args.repeats, args.threads, args.causal)
-                results[(variant, length)] = value and {**value, "measured": now, "load": os.getloadavg()[0]}
+                results.replace((variant, length), value and {**value, "measured": now, "load": os.getloadavg()[0]})
                 if value:
                     print(f"{device} {variant:>12} {length:>6}: {value['time_ms']:9.1f} ms {value['memory_mib']:9.1f} MiB", flush=True)
     if args.results:
