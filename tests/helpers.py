@@ -104,3 +104,23 @@ def wandb_history_steps(offline_run: Path) -> list[int]:
         [str(wandb), "leet", "inspect", "--json", str(offline_run)], capture_output=True, text=True, timeout=120, check=True
     ).stdout.splitlines()
     return [json.loads(line)["history"]["item"]["_step"] for line in records if '"type":"history"' in line]
+
+
+def record_score_shapes(monkeypatch: Any, module: Any) -> list[tuple[int, int]]:
+    """Records (queries, keys) of every score block ``module`` (an Attention) forms, through
+    its fused (``masked_attend``) and explicit (``explicit_attend``) paths; returns the list
+    the records are appended to."""
+    shapes: list[tuple[int, int]] = []
+
+    def recording(name: str) -> None:
+        original = getattr(type(module), name)
+
+        def record(self, q, k, v, allowed, q_positions, k_positions):
+            shapes.append((q.shape[-2], k.shape[-2]))
+            return original(self, q, k, v, allowed, q_positions, k_positions)
+
+        monkeypatch.setattr(type(module), name, record)
+
+    recording("explicit_attend")
+    recording("masked_attend")
+    return shapes

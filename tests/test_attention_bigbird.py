@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from conftest import small_context
+from helpers import record_score_shapes
 from plugformer import ConfigError, repeat_kv
 from plugformer.testing import check_component
 from plugformer_plugins.attention import bigbird
@@ -144,19 +145,7 @@ def module_config(module) -> BigBirdConfig:
 def test_no_score_tensor_is_n_by_n(monkeypatch):
     """O(n): every score block has (g + w + r)·b keys, except the g·b global rows."""
     module = build(BigBirdConfig(block_size=4, window_blocks=3, global_blocks=1, random_blocks=2))
-    shapes = []
-
-    def recording(name):  # the fused (masked_attend) and the explicit score paths
-        original = getattr(type(module), name)
-
-        def record(self, q, k, v, allowed, q_positions, k_positions):
-            shapes.append((q.shape[-2], k.shape[-2]))
-            return original(self, q, k, v, allowed, q_positions, k_positions)
-
-        monkeypatch.setattr(type(module), name, record)
-
-    recording("explicit_attend")
-    recording("masked_attend")
+    shapes = record_score_shapes(monkeypatch, module)
     n = 256
     with torch.no_grad():
         module(torch.randn(1, n, 32))

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from conftest import small_context
+from helpers import record_score_shapes
 from plugformer import repeat_kv
 from plugformer.testing import check_component
 from plugformer_plugins.attention import longformer
@@ -126,19 +127,7 @@ def test_global_projections_serve_the_global_rows(causal):
 def test_no_score_tensor_is_n_by_n(monkeypatch):
     """O(n·(w + g)): every score block has at most 3·w + g keys, except the g global rows."""
     module = build(LongformerConfig(window=4, global_tokens=[0, 50]), causal=False)
-    shapes = []
-
-    def recording(name):  # the fused (masked_attend) and the explicit score paths
-        original = getattr(type(module), name)
-
-        def record(self, q, k, v, allowed, q_positions, k_positions):
-            shapes.append((q.shape[-2], k.shape[-2]))
-            return original(self, q, k, v, allowed, q_positions, k_positions)
-
-        monkeypatch.setattr(type(module), name, record)
-
-    recording("explicit_attend")
-    recording("masked_attend")
+    shapes = record_score_shapes(monkeypatch, module)
     n = 256
     with torch.no_grad():
         module(torch.randn(1, n, 32))
