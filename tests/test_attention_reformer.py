@@ -260,3 +260,17 @@ def test_backward_keeps_the_merged_output_not_the_rounds(monkeypatch: pytest.Mon
     first = torch.autograd.grad(out.sum(), x, retain_graph=True)[0]
     second = torch.autograd.grad(out.sum(), x)[0]
     torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n_buckets", [2, 6, 64])
+def test_hashing_a_chunk_of_rows_at_a_time_is_the_argmax_over_both_directions(monkeypatch, n_buckets):
+    """Buckets are argmax([xR, −xR]) (Kitaev et al. 2020), found as the largest |xR| and its
+    sign over chunks of rows (so the rotated keys are never held whole), zero keys included."""
+    monkeypatch.setattr("plugformer.attention.CHUNK_ELEMENTS", 16)  # many chunks of rows
+    generator = torch.Generator().manual_seed(3)
+    keys = F.normalize(torch.randn(2, 3, 101, 8, generator=generator), dim=-1)
+    keys[:, :, :2] = 0  # every direction ties: bucket 0, as argmax takes the first
+    rotations = torch.randn(3, 8, n_buckets // 2, generator=generator)
+    rotated = torch.einsum("bhnd,hdr->bhnr", keys, rotations)
+    expected = torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
+    assert torch.equal(LSHAttention.hash(keys, rotations, n_buckets), expected)

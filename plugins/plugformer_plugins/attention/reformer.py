@@ -97,11 +97,23 @@ class LSHAttention(Attention):
     @staticmethod
     def hash(keys: Tensor, rotations: Tensor, n_buckets: int) -> Tensor:
         """keys (batch, heads, n, head_dim), rotations (heads, head_dim, n_buckets/2) →
-        buckets (batch, heads, n) in [0, n_buckets)."""
+        buckets (batch, heads, n) in [0, n_buckets): the argmax over [xR, −xR].
+
+        That is the largest |xR|, in the second half where its entry is negative. The keys are
+        rotated a chunk of rows at a time: with the default bucket count (length / chunk_size)
+        all rotated keys together grow as n², 64 MiB at 16K tokens."""
         if n_buckets == 1:
             return torch.zeros(keys.shape[:-1], dtype=torch.long, device=keys.device)
-        rotated = torch.einsum("bhnd,hdr->bhnr", keys, rotations)
-        return torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
+        batch, heads, n, _ = keys.shape
+        half = rotations.shape[-1]
+        buckets = torch.empty(keys.shape[:-1], dtype=torch.long, device=keys.device)
+        step = chunk_count(n, batch * heads * half, slices=batch * heads)
+        for start in range(0, n, step):
+            rotated = torch.einsum("bhnd,hdr->bhnr", keys[:, :, start : start + step], rotations)
+            top = rotated.abs().argmax(dim=-1, keepdim=True)
+            negative = rotated.gather(-1, top) < 0
+            buckets[:, :, start : start + step] = (top + negative * half).squeeze(-1)
+        return buckets
 
     def attend(
         self,
