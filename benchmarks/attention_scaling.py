@@ -330,7 +330,6 @@ def load_results(path: Path | None) -> dict[str, Results]:
     raw = json.loads(path.read_text())
     return {
         device: Results(_keyed(stored["results"]), {when: _keyed(v) for when, v in stored.get("archive", {}).items()})
-        if "results" in stored else Results(_keyed(stored))  # the first format: measurements only
         for device, stored in raw.items()
     }
 

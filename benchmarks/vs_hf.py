@@ -196,7 +196,7 @@ def report(rows: list[tuple], args: argparse.Namespace) -> str:
         "the ratio is what counts). "
         f"Ratio = HF seconds per step / plugformer seconds per step (plugformer's throughput relative to HF's; target ≥ {TARGET}). "
         "CPU = the benchmark thread's CPU seconds (time waiting for a core held by another process not counted), the steadier figure under load. "
-        f"Made by `OMP_NUM_THREADS={torch.get_num_threads()} .venv/bin/python benchmarks/vs_hf.py {' '.join(sys.argv[1:])}`.".replace(" `.", "`."),
+        f"Made by `{' '.join([f'OMP_NUM_THREADS={torch.get_num_threads()} .venv/bin/python benchmarks/vs_hf.py', *sys.argv[1:]])}`.",
         "",
         "| model | d_model | variant | HF wall s/step | plugformer wall s/step | wall ratio | HF CPU s/step | plugformer CPU s/step | CPU ratio |",
         "|---|---|---|---|---|---|---|---|---|",
